@@ -1,0 +1,253 @@
+"""Shared test helpers: tiny Llama models written to GGUF by the `gguf` package (the
+independent writer), tokenizers trained by Hugging Face `tokenizers`, varied test strings."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+          " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+SAMPLE_TEXT = """The quick brown fox jumps over the lazy dog. It's 2024, and we'll see 1,234.56 apples!
+def main(argv):
+    return {"key": [1, 2, 3]}  # a comment
+Café naïve façade — “quotes” and ‘single’ ones… Привет мир, 你好世界, مرحبا, नमस्ते 🙂👍🏽
+""" * 3
+
+
+def varied_strings(n: int, seed: int = 0, specials=()) -> list[str]:
+    """n strings mixing words, unicode scripts, emoji, code, digits, whitespace runs and
+    special tokens: the inputs where tokenizers usually disagree."""
+    rng = random.Random(seed)
+    pools = [
+        "the of and to in is you that it he was for on are as with his they I at be this have from".split(),
+        ["Hello", "WORLD", "don't", "I'LL", "she's", "we'Ve", "they'd", "O'Neil", "rock'n'roll", "'s", "''"],
+        ["café", "naïve", "Ünïcödé", "straße", "ﬁ", "Ωmega", "Привет", "мир", "你好", "世界", "こんにちは",
+         "안녕하세요", "مرحبا", "שָׁלוֹם", "नमस्ते", "ภาษาไทย", "Ελληνικά", "ǅ", "ʰ", "ſ", "Ⅻ", "½", "²", "١٢٣"],
+        ["🙂", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "❤️", "🤖", "∑", "∞", "→", "©", "\u200b", "\u200d", "\ufeff", "\ufffd"],
+        ["def f(x):", "return x**2", "{\"a\": [1, 2]}", "if (a && b) {", "#include <stdio.h>", "x += 1;",
+         "</div>", "$HOME/.cache", "C:\\Users", "a_b-c.d", "https://example.com/?q=1&r=2", "@user", "#tag"],
+        ["0", "7", "42", "123", "2024", "1234567", "3.14159", "1,000,000", "-5", "1e-9", "0x1F", "٣"],
+        [" ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n ", "\t\t", "\u00a0", "\u3000", "\x0b", "\x0c",
+         "\x1c", "\x85", "    \n", "\n   "],
+        ["!", "?", "...", "—", "–", "(", ")", "[", "]", "\"", "'", "`", "~", ";", ":", "%", "&", "*", "|", "<", ">"],
+        list(specials) or [""],
+    ]
+    weights = [5, 3, 3, 2, 2, 3, 4, 3, 1 if specials else 0]
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            pool = rng.choices(pools, weights)[0]
+            parts.append(rng.choice(pool))
+            if rng.random() < 0.5:
+                parts.append(rng.choice([" ", "", "", "\n", "  "]))
+        out.append("".join(parts))
+    return out
+
+
+def train_bpe(vocab_size: int, split_regex: str | None = None):
+    """A byte-level BPE trained by Hugging Face `tokenizers` on SAMPLE_TEXT. With
+    split_regex, the pre-tokenizer is that split then ByteLevel (as Llama 3 does); without
+    it, ByteLevel's own GPT-2 split. Returns the `tokenizers.Tokenizer`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if split_regex:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([SAMPLE_TEXT] * 4 + varied_strings(200, seed=1), trainer)
+    return tok
+
+
+def bpe_metadata(tok, pre: str) -> dict:
+    """GGUF tokenizer keys for a `tokenizers` byte-level BPE (what llama.cpp's converter writes)."""
+    import json
+
+    model = json.loads(tok.to_str())["model"]
+    vocab = tok.get_vocab()
+    tokens = [None] * len(vocab)
+    for text, i in vocab.items():
+        tokens[i] = text
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3 if t in SPECIALS else 1 for t in tokens],
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": vocab["<|im_start|>"], "tokenizer.ggml.eos_token_id": vocab["<|im_end|>"],
+        "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": CHATML,
+    }
+
+
+def add_metadata(writer, metadata: dict):
+    """Write a metadata dict with types chosen as llama.cpp's converters choose them."""
+    for key, value in metadata.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, list) and value and isinstance(value[0], float):
+            writer.add_array(key, [float(v) for v in value])
+        elif isinstance(value, list) and value and isinstance(value[0], int) and key.endswith("token_type"):
+            writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+        else:
+            writer.add_array(key, value)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face rotate-half rows -> GGUF adjacent-pair rows (llama.cpp's converter)."""
+    rows, cols = w.shape
+    return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    rows, cols = w.shape
+    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def random_blocks(qtype, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes for n_blocks of a quantized type, with finite, modest f16 scales, so
+    that every bit pattern of the packed weights is exercised."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    Q = gguf.GGMLQuantizationType
+    f16_fields = {Q.Q4_0: [0], Q.Q5_0: [0], Q.Q8_0: [0], Q.Q4_1: [0, 2], Q.Q5_1: [0, 2],
+                  Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [size - 2]}[qtype]
+    for off in f16_fields:
+        raw[:, off:off + 2] = (rng.uniform(-0.02, 0.02, n_blocks).astype(np.float16).view(np.uint8)
+                               .reshape(n_blocks, 2))
+    return raw
+
+
+def encode_tensor(w: np.ndarray, qtype, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes or array to write, the float32 weights the file really holds per gguf.quants)."""
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return w.astype(np.float32), w.astype(np.float32)
+    if qtype in (Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0):
+        data = gguf.quants.quantize(w.astype(np.float32), qtype)
+    else:  # K-quants: the gguf package has no reference quantizer, so the bytes are random
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        data = random_blocks(qtype, w.size // block, rng).reshape(w.shape[0], -1)
+    return data, gguf.quants.dequantize(data, qtype).reshape(w.shape)
+
+
+def tiny_llama(tie: bool, n_head=4, n_head_kv=2, hidden=64, ff=96, layers=2, vocab=320, seed=0, ctx=128):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
+                         num_attention_heads=n_head, num_key_value_heads=n_head_kv, max_position_embeddings=ctx,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():  # larger than the default init, so that mistakes show in the logits
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 1.0)
+            if p.dim() == 1:
+                p.abs_()
+    return model
+
+
+def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: dict | None = None):
+    """Write a transformers LlamaForCausalLM as a GGUF `llama` file with the gguf package,
+    as llama.cpp's converter does (Q/K permutation, tied embeddings, F32 norms). Weights are
+    stored as qtype (default F32); the model's own weights are then replaced by what the
+    file really holds (dequantized by gguf.quants), so it is the exact oracle for the file."""
+    import torch
+
+    Q = gguf.GGMLQuantizationType
+    qtype = Q.F32 if qtype is None else qtype
+    c = model.config
+    rng = np.random.default_rng(1)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny test llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    if qtype not in (Q.F32, Q.F16, Q.BF16):
+        writer.add_quantization_version(2)
+    add_metadata(writer, {**tokenizer_metadata, **(extra or {})})
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            if name.startswith("model.layers."):
+                i, rest = name[len("model.layers."):].split(".", 1)
+                out = f"blk.{i}.{per_layer[rest.rsplit('.', 1)[0]]}.weight"
+            else:
+                out = names[name]
+            w = tensor.numpy().astype(np.float32)
+            n_perm = (c.num_attention_heads if "q_proj" in name else
+                      c.num_key_value_heads if "k_proj" in name else None)
+            if n_perm:
+                w = permute_qk(w, n_perm)
+            if w.ndim == 1:  # norms stay F32, as in llama.cpp
+                writer.add_tensor(out, w)
+                continue
+            data, real = encode_tensor(w, qtype, rng)
+            writer.add_tensor(out, data, raw_dtype=None if qtype == Q.F32 else qtype)
+            if n_perm:
+                real = unpermute_qk(real, n_perm)
+            tensor.copy_(torch.from_numpy(real.astype(np.float32)))
+        if c.tie_word_embeddings:
+            model.tie_weights()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    return train_bpe(320)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, bpe_tokenizer):
+    """A tiny untied F32 Llama (GQA) with a ChatML template: (path, transformers model)."""
+    model = tiny_llama(tie=False)
+    path = write_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", model,
+                            bpe_metadata(bpe_tokenizer, "gpt-2"))
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from twofile import assets
+
+    return assets.fetch(assets.DEFAULT_MODEL)

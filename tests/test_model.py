@@ -1,0 +1,111 @@
+"""run.py's forward pass against Hugging Face transformers (the oracle) on tiny random
+Llama models written to GGUF by the gguf package."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import bpe_metadata, gguf, tiny_llama, write_llama_gguf
+from twofile import run
+
+Q = gguf.GGMLQuantizationType
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_f32_logits_match_transformers(tmp_path, bpe_tokenizer, tie):
+    model = tiny_llama(tie=tie)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
+    m = run.load(path)
+    assert ("output.weight" in m.gguf.tensors) == (not tie)
+    ids = list(np.random.default_rng(0).integers(0, 320, 40))
+    ours, theirs = m.logits(ids), hf_logits(model, ids)
+    assert ours.dtype == np.float32 and ours.shape == (40, 320)
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K],
+                         ids=lambda q: q.name)
+def test_quantized_logits_match_transformers(tmp_path, bpe_tokenizer, qtype):
+    # hidden and FFN sizes are multiples of 256 so that K-quants fit; transformers runs the
+    # weights as gguf.quants decodes them, so only run.py's decoding and forward are tested
+    model = tiny_llama(tie=False, hidden=256, ff=512, n_head=4, n_head_kv=1)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"), qtype=qtype)
+    m = run.load(path)
+    assert m.layers[0].wq.type == qtype and m.token_embd.type == qtype
+    ids = list(np.random.default_rng(1).integers(0, 320, 24))
+    ours, theirs = m.logits(ids), hf_logits(model, ids)
+    assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+
+
+def test_kv_cache_decode_matches_full_pass(tiny_gguf):
+    """Token-by-token decoding with the KV cache gives the logits of one full pass."""
+    path, model = tiny_gguf
+    m = run.load(path)
+    prompt = m.tokenize("The quick brown fox")
+    generated = list(m.generate(prompt, max_tokens=20, temperature=0))
+    assert len(generated) == 20 or m.finish_reason == "eos"
+    full = hf_logits(model, prompt + generated)
+    for step, token in enumerate(generated):  # each greedy pick is transformers' argmax
+        row = full[len(prompt) - 1 + step]
+        assert row[token] >= row.max() - 1e-4
+
+
+def test_prompt_longer_than_one_batch(tmp_path, bpe_tokenizer, monkeypatch):
+    model = tiny_llama(tie=True, ctx=256)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
+    monkeypatch.setattr(run, "PROMPT_BATCH", 7)  # the prompt is run in several chunks
+    m = run.load(path)
+    ids = list(np.random.default_rng(2).integers(0, 320, 50))
+    assert np.abs(m.logits(ids) - hf_logits(model, ids)).max() <= 1e-4
+    # a second prompt sharing a prefix reuses the cache; its last logits are still exact
+    list(m.generate(ids, max_tokens=0))
+    more = ids[:30] + [5, 6, 7]
+    step = m._prefill(more)
+    assert np.abs(step - hf_logits(model, more)[-1]).max() <= 1e-4
+
+
+def test_context_limit(tmp_path, bpe_tokenizer):
+    model = tiny_llama(tie=True, ctx=16)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
+    m = run.load(path)
+    with pytest.raises(run.ContextFull, match="17 tokens do not fit in the context of 16"):
+        m.logits(list(range(17)))
+    # generation stops cleanly when the context fills, and says so
+    eos = m.tokenizer.eos_id
+    out = list(m.generate([eos + 1] * 10, max_tokens=100, temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=0))
+    if m.finish_reason != "eos":
+        assert m.finish_reason == "context" and len(out) == 16 - 10 + 1
+    # --ctx-size makes the window smaller than the model's
+    assert run.load(path, n_ctx=8).n_ctx == 8
+
+
+def test_refuses_other_architectures(tmp_path, bpe_tokenizer):
+    writer = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(run.GGUFError, match="architecture 'gemma' is not supported"):
+        run.load(tmp_path / "g.gguf")
+
+
+def test_refuses_unsupported_tensor_type(tmp_path, bpe_tokenizer):
+    model = tiny_llama(tie=True, hidden=256, ff=256)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
+    data = bytearray(path.read_bytes())
+    info = run.read_gguf(path).tensors["blk.0.attn_q.weight"]
+    assert info.type == Q.F32
+    # rewrite the tensor's type id in the header (F32 -> Q2_K keeps the data size valid)
+    name = b"blk.0.attn_q.weight"
+    at = data.index(name) + len(name) + 4 + 8 * 2  # n_dims u32, two u64 dims
+    assert data[at:at + 4] == (0).to_bytes(4, "little")
+    data[at:at + 4] = int(Q.Q2_K).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(run.GGUFError, match="blk.0.attn_q.weight.*type Q2_K"):
+        run.load(path)

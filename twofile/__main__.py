@@ -1,0 +1,5 @@
+import sys
+
+from twofile.cli import main
+
+sys.exit(main())

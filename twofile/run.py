@@ -1,0 +1,1121 @@
+"""run.py: run a GGUF language model (Llama family) with numpy alone.
+
+This is the second of the two files: copy it next to a .gguf and run
+
+    python run.py MODEL.gguf -p "Once upon a time" -n 64 --temperature 0.8 --seed 1
+    python run.py MODEL.gguf --chat
+
+or use it from Python:
+
+    import run
+    model = run.load("MODEL.gguf")
+    ids = model.tokenize("Once upon a time")
+    for token in model.generate(ids, max_tokens=32, temperature=0):
+        print(model.detokenize([token]), end="")
+
+The file reads top to bottom in the order data flows: GGUF reader, tensor types,
+tokenizer, model forward pass, sampler, generation and chat, command line. It imports
+only numpy and the standard library (jinja2 is used for chat templates when present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import heapq
+import json
+import mmap
+import os
+import re
+import struct
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+class GGUFError(ValueError):
+    """A model file that is not a GGUF file run.py can run; the message names the problem."""
+
+
+class ContextFull(ValueError):
+    """The tokens do not fit in the model's context window."""
+
+
+# ---------------------------------------------------------------------------
+# GGUF reader
+# ---------------------------------------------------------------------------
+# Everything in the file is untrusted: each count, length, offset and size is checked
+# against the bytes that are really there before anything is allocated or sliced.
+
+GGUF_MAGIC = b"GGUF"
+MAX_ARRAY_DEPTH = 8  # nested arrays deeper than this are refused (recursion bombs)
+
+# metadata value type -> (struct format, size) for the fixed-size scalars
+_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
+            6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_SCALAR_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4",
+                  7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+# ggml tensor type id -> (name, weights per block, bytes per block); the sizes are needed
+# to bounds-check every tensor, even those of a type run.py cannot decode.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+}
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy order: (rows, cols) for a matrix; GGUF stores it reversed
+    type: int
+    offset: int             # absolute offset in the file
+    nbytes: int
+    data: np.ndarray = field(repr=False, default=None)  # uint8 view of the memory-mapped file
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.type][0]
+
+
+@dataclass
+class GGUFFile:
+    path: str
+    version: int
+    metadata: dict
+    tensors: dict[str, TensorInfo]
+
+
+class _Cursor:
+    """Reads little-endian values from a buffer, refusing to run past its end."""
+
+    def __init__(self, buf, path):
+        self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+
+    def need(self, n: int, what: str):
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFError(f"{self.path}: truncated or corrupt file: {what} at byte {self.pos} "
+                            f"needs {n} bytes, only {self.size - self.pos} remain")
+
+    def scalar(self, vtype: int, what: str):
+        fmt, size = _SCALARS[vtype]
+        self.need(size, what)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += size
+        return value
+
+    def u32(self, what):
+        return self.scalar(4, what)
+
+    def u64(self, what):
+        return self.scalar(10, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(what + " length")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFError(f"{self.path}: {what} at byte {self.pos - n} is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str, depth: int = 0):
+        if vtype in _SCALARS:
+            return self.scalar(vtype, what)
+        if vtype == GGUF_STRING:
+            return self.string(what)
+        if vtype == GGUF_ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(f"{self.path}: {what}: arrays nested deeper than {MAX_ARRAY_DEPTH}")
+            etype = self.u32(what + " element type")
+            count = self.u64(what + " element count")
+            if etype in _SCALARS:  # numeric arrays in one read, after a size check
+                size = _SCALARS[etype][1]
+                self.need(count * size, f"{what} ({count} elements)")
+                arr = np.frombuffer(self.buf, dtype=_SCALAR_DTYPES[etype], count=count, offset=self.pos)
+                self.pos += count * size
+                return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
+            if etype not in (GGUF_STRING, GGUF_ARRAY):
+                raise GGUFError(f"{self.path}: {what}: unknown array element type {etype}")
+            # every string or array element takes at least 8 bytes (its length or header)
+            self.need(count * 8, f"{what} ({count} elements)")
+            return [self.value(etype, what, depth + 1) for _ in range(count)]
+        raise GGUFError(f"{self.path}: {what}: unknown metadata value type {vtype}")
+
+
+def read_gguf(path: str) -> GGUFFile:
+    """Parse a GGUF file's header, metadata and tensor table; tensor data stays memory-mapped."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise GGUFError(f"{path}: not a GGUF file ({size} bytes, too short for a header)")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except IsADirectoryError:
+        raise GGUFError(f"{path}: is a directory, not a GGUF file") from None
+    if buf[:4] != GGUF_MAGIC:
+        raise GGUFError(f"{path}: not a GGUF file (starts with {bytes(buf[:4])!r}, expected b'GGUF')")
+    cur = _Cursor(buf, path)
+    cur.pos = 4
+    version = cur.u32("version")
+    if version not in (2, 3):
+        raise GGUFError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors = cur.u64("tensor count")
+    n_kv = cur.u64("metadata count")
+    # each metadata pair takes at least 12 bytes, each tensor info at least 28
+    if n_kv * 12 + n_tensors * 28 > size:
+        raise GGUFError(f"{path}: corrupt header: {n_kv} metadata pairs and {n_tensors} tensors "
+                        f"cannot fit in {size} bytes")
+    metadata = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}")
+        vtype = cur.u32(f"type of metadata {key!r}")
+        if key in metadata:
+            raise GGUFError(f"{path}: metadata key {key!r} appears twice")
+        metadata[key] = cur.value(vtype, f"metadata {key!r}")
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or not 0 < alignment <= 1 << 20:
+        raise GGUFError(f"{path}: general.alignment = {alignment!r} is not a usable alignment")
+    infos = []
+    for i in range(n_tensors):
+        name = cur.string(f"tensor #{i} name")
+        n_dims = cur.u32(f"tensor {name!r} n_dims")
+        if not 1 <= n_dims <= 4:
+            raise GGUFError(f"{path}: tensor {name!r} has {n_dims} dimensions (1 to 4 allowed)")
+        dims = [cur.u64(f"tensor {name!r} dimension") for _ in range(n_dims)]
+        ttype = cur.u32(f"tensor {name!r} type")
+        offset = cur.u64(f"tensor {name!r} offset")
+        if ttype not in GGML_TYPES:
+            raise GGUFError(f"{path}: tensor {name!r} has unknown type id {ttype}")
+        _, block, type_size = GGML_TYPES[ttype]
+        if any(d == 0 for d in dims) or dims[0] % block:
+            raise GGUFError(f"{path}: tensor {name!r} has shape {dims} that does not fit its type "
+                            f"{GGML_TYPES[ttype][0]} (first dimension must be a positive multiple of {block})")
+        n = 1
+        for d in dims:
+            n *= d  # Python ints: no overflow; the size check below bounds it
+        if offset % alignment:
+            raise GGUFError(f"{path}: tensor {name!r} offset {offset} is not a multiple of the alignment {alignment}")
+        infos.append(TensorInfo(name, tuple(reversed(dims)), ttype, offset, n // block * type_size))
+    data_start = -(-cur.pos // alignment) * alignment
+    mapped = np.frombuffer(buf, dtype=np.uint8)
+    tensors = {}
+    for t in infos:
+        t.offset += data_start
+        if t.offset + t.nbytes > size:
+            raise GGUFError(f"{path}: tensor {t.name!r} ({t.nbytes} bytes at offset {t.offset}) runs past "
+                            f"the end of the file ({size} bytes): truncated or corrupt")
+        if t.name in tensors:
+            raise GGUFError(f"{path}: tensor {t.name!r} appears twice")
+        t.data = mapped[t.offset:t.offset + t.nbytes]
+        tensors[t.name] = t
+    return GGUFFile(path, version, metadata, tensors)
+
+
+# ---------------------------------------------------------------------------
+# Tensor types: decoding quantized blocks to float32
+# ---------------------------------------------------------------------------
+# Each decoder takes blocks as a uint8 array (n_blocks, bytes_per_block) and returns
+# float32 (n_blocks, weights_per_block), bit-exact with ggml's reference decoders.
+# The weights stay quantized in memory; a matrix is decoded in bounded chunks of rows
+# when it is used (see matmul), so a 7B Q4 model never becomes 28 GB of float32.
+
+def _f16(blocks, start):
+    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)  # (n, 1)
+
+
+def _nibbles(qs):
+    # byte j of a 16-byte group holds weight j (low nibble) and weight j+16 (high nibble)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _bits(packed):  # (n, k) uint8 -> (n, 8 * k) bits, least significant bit first
+    return np.unpackbits(packed, axis=-1, bitorder="little")
+
+
+def _dequant_q4_0(b):
+    return _f16(b, 0) * (_nibbles(b[:, 2:]).astype(np.int8) - 8).astype(np.float32)
+
+
+def _dequant_q4_1(b):
+    return _f16(b, 0) * _nibbles(b[:, 4:]).astype(np.float32) + _f16(b, 2)
+
+
+def _dequant_q5_0(b):
+    q = _nibbles(b[:, 6:]) | (_bits(b[:, 2:6]) << 4)
+    return _f16(b, 0) * (q.astype(np.int8) - 16).astype(np.float32)
+
+
+def _dequant_q5_1(b):
+    q = _nibbles(b[:, 8:]) | (_bits(b[:, 4:8]) << 4)
+    return _f16(b, 0) * q.astype(np.float32) + _f16(b, 2)
+
+
+def _dequant_q8_0(b):
+    return b[:, 2:].view(np.int8).astype(np.float32) * _f16(b, 0)
+
+
+def _k_scales(s):
+    """Unpack Q4_K/Q5_K's 12 bytes into 8 six-bit scales and 8 six-bit mins."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    scales = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mins = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def _k_chunks(qs, n):
+    # 32 bytes per 64 weights: low nibbles are sub-block 2c, high nibbles 2c+1
+    qs = qs.reshape(n, 4, 1, 32)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32)
+
+
+def _dequant_q4_k(b):
+    n = b.shape[0]
+    scales, mins = _k_scales(b[:, 4:16])
+    d = (_f16(b, 0) * scales)[:, :, None]
+    dm = (_f16(b, 2) * mins)[:, :, None]
+    return (d * _k_chunks(b[:, 16:], n).astype(np.float32) - dm).reshape(n, 256)
+
+
+def _dequant_q5_k(b):
+    n = b.shape[0]
+    scales, mins = _k_scales(b[:, 4:16])
+    d = (_f16(b, 0) * scales)[:, :, None]
+    dm = (_f16(b, 2) * mins)[:, :, None]
+    # bit j of qh[i] is the fifth bit of weight i of sub-block j
+    high = (b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    q = _k_chunks(b[:, 48:], n) | (high << 4)
+    return (d * q.astype(np.float32) - dm).reshape(n, 256)
+
+
+def _dequant_q6_k(b):
+    n = b.shape[0]
+    ql, qh = b[:, 0:128].reshape(n, 2, 1, 64), b[:, 128:192].reshape(n, 2, 1, 32)
+    scales = b[:, 192:208].view(np.int8).astype(np.float32)
+    d = (_f16(b, 208) * scales).reshape(n, 16, 1)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(n, 8, 32)
+    high = ((qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3).reshape(n, 8, 32)
+    q = ((low | (high << 4)).astype(np.int8) - 32).reshape(n, 16, 16).astype(np.float32)
+    return (d * q).reshape(n, 256)
+
+
+DEQUANTIZE = {
+    0: lambda b: b.view(np.float32),
+    1: lambda b: b.view(np.float16).astype(np.float32),
+    30: lambda b: (b.view(np.uint16).astype(np.uint32) << 16).view(np.float32),
+    2: _dequant_q4_0, 3: _dequant_q4_1, 6: _dequant_q5_0, 7: _dequant_q5_1, 8: _dequant_q8_0,
+    12: _dequant_q4_k, 13: _dequant_q5_k, 14: _dequant_q6_k,
+}
+SUPPORTED_TYPES = ", ".join(GGML_TYPES[t][0] for t in DEQUANTIZE)
+
+
+def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
+    """Raw bytes (..., row_bytes) of one type -> float32 (..., row_weights)."""
+    _, block, type_size = GGML_TYPES[ggml_type]
+    lead = raw.shape[:-1]
+    blocks = np.ascontiguousarray(raw).reshape(-1, type_size)
+    out = DEQUANTIZE[ggml_type](blocks)
+    return out.reshape(*lead, -1)
+
+
+def matmul(x: np.ndarray, w: TensorInfo) -> np.ndarray:
+    """x (T, cols) @ w.T for a weight matrix w (rows, cols) kept in its file type."""
+    rows, cols = w.shape
+    raw = w.data.reshape(rows, -1)
+    if w.type == 0:
+        return x @ raw.view(np.float32).T
+    out = np.empty((x.shape[0], rows), dtype=np.float32)
+    chunk = max(1, (1 << 21) // cols)  # about 8 MB of float32 at a time
+    for r in range(0, rows, chunk):
+        out[:, r:r + chunk] = x @ dequantize(raw[r:r + chunk], w.type).T
+    return out
+
+
+def get_rows(w: TensorInfo, ids) -> np.ndarray:
+    """Rows `ids` of a matrix as float32 (the embedding lookup)."""
+    return dequantize(w.data.reshape(w.shape[0], -1)[np.asarray(ids)], w.type)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+# Two kinds, both read from the file's metadata: `gpt2` (byte-level BPE with merges and a
+# pre-tokenizer split regex named by tokenizer.ggml.pre) and `llama` (SentencePiece with
+# scores and <0xNN> byte fallback).
+
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# Unicode White_Space, as the `regex` and Oniguruma engines define \s (Python's re also
+# counts U+001C..U+001F, which would split text differently from the reference tokenizers).
+_WS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def _category_class(major: str) -> str:
+    """A regex character class body for one Unicode major category (L letters, N numbers);
+    Python's re has no \\p{L}, so the class is built from unicodedata once per process."""
+    parts, start = [], None
+    for c in range(0x32400):  # nothing above this is a letter or a number
+        inside = unicodedata.category(chr(c))[0] == major
+        if inside and start is None:
+            start = c
+        elif not inside and start is not None:
+            parts.append(f"\\U{start:08x}-\\U{c - 1:08x}")
+            start = None
+    return "".join(parts)
+
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}"
+                 r"| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]"
+                r"| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+_DIGIT = r"[{N}]"
+# tokenizer.ggml.pre -> the regexes applied in turn (each splits the pieces of the last),
+# as llama.cpp's llama-vocab.cpp and the models' own tokenizer.json define them.
+PRE_TOKENIZERS = {
+    "default": [_GPT2_SPLIT], "gpt-2": [_GPT2_SPLIT], "gpt2": [_GPT2_SPLIT],
+    "llama-bpe": [_LLAMA3_SPLIT], "llama3": [_LLAMA3_SPLIT],
+    "smollm": [_DIGIT, _GPT2_SPLIT], "starcoder": [_DIGIT, _GPT2_SPLIT],
+    "qwen2": [_QWEN2_SPLIT],
+}
+_compiled_splits: dict[str, list[re.Pattern]] = {}
+
+
+def _split_patterns(pre: str) -> list[re.Pattern]:
+    if pre not in _compiled_splits:
+        classes = {"L": _category_class("L"), "N": _category_class("N"), "S": _WS}
+        _compiled_splits[pre] = [re.compile(p.format(**classes)) for p in PRE_TOKENIZERS[pre]]
+    return _compiled_splits[pre]
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (token strings use it)."""
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class Tokenizer:
+    def __init__(self, meta: dict, path: str = "model"):
+        def get(key, default=None):
+            return meta.get("tokenizer.ggml." + key, default)
+
+        self.model = get("model")
+        if self.model not in ("gpt2", "llama"):
+            raise GGUFError(f"{path}: tokenizer.ggml.model = {self.model!r} is not supported (gpt2 and llama are)")
+        self.tokens: list[str] = get("tokens") or []
+        if not self.tokens or not all(isinstance(t, str) for t in self.tokens):
+            raise GGUFError(f"{path}: tokenizer.ggml.tokens is missing or not a list of strings")
+        n = len(self.tokens)
+        self.types = get("token_type") or [TOKEN_NORMAL] * n
+        if len(self.types) != n:
+            raise GGUFError(f"{path}: tokenizer.ggml.token_type has {len(self.types)} entries for {n} tokens")
+        self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
+
+        def special(key):
+            value = get(key + "_token_id")
+            if value is not None and not (isinstance(value, int) and 0 <= value < n):
+                raise GGUFError(f"{path}: tokenizer.ggml.{key}_token_id = {value!r} is not a token id (0..{n - 1})")
+            return value
+
+        self.bos_id, self.eos_id = special("bos"), special("eos")
+        self.add_bos = bool(get("add_bos_token", self.model == "llama"))
+        if self.add_bos and self.bos_id is None:
+            raise GGUFError(f"{path}: add_bos_token is set but tokenizer.ggml.bos_token_id is missing")
+        # generation ends on any end-of-generation token: EOS, end-of-turn, and the usual
+        # end-of-turn markers of chat templates, as llama.cpp does
+        eog_texts = {"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"}
+        self.eog_ids = {i for i in (self.eos_id, special("eot"), special("eom")) if i is not None}
+        self.eog_ids |= {i for i, t in enumerate(self.tokens)
+                         if t in eog_texts and self.types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
+        # control and user-defined tokens written in the text map to their ids (longest first)
+        specials = sorted((t for t, ty in zip(self.tokens, self.types)
+                           if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED) and t), key=len, reverse=True)
+        self.special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self.cache: dict[str, list[int]] = {}
+
+        if self.model == "gpt2":
+            pre = get("pre", "default")
+            if pre not in PRE_TOKENIZERS:
+                raise GGUFError(f"{path}: tokenizer.ggml.pre = {pre!r} is not supported "
+                                f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+            self.splits = _split_patterns(pre)
+            merges = get("merges")
+            if not merges:
+                raise GGUFError(f"{path}: tokenizer.ggml.merges is missing (required for a gpt2 tokenizer)")
+            self.merge_rank = {}
+            for rank, m in enumerate(merges):
+                left, _, right = m.partition(" ")
+                self.merge_rank.setdefault((left, right), rank)
+            self.byte_char = _byte_to_unicode()
+            self.char_byte = {c: b for b, c in self.byte_char.items()}
+        else:
+            self.scores = get("scores") or [0.0] * n
+            if len(self.scores) != n:
+                raise GGUFError(f"{path}: tokenizer.ggml.scores has {len(self.scores)} entries for {n} tokens")
+            self.add_space_prefix = bool(get("add_space_prefix", True))
+            self.byte_ids = {}
+            for i, t in enumerate(self.tokens):
+                if self.types[i] == TOKEN_BYTE and len(t) == 6 and t.startswith("<0x"):
+                    self.byte_ids[int(t[3:5], 16)] = i
+            self.unk_id = special("unknown")
+
+    # -- encoding -----------------------------------------------------------
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = []
+        if self.add_bos if add_bos is None else add_bos:
+            ids.append(self.bos_id)
+        prev_special = True  # SentencePiece adds its space prefix after a special token
+        for n, (chunk, is_special) in enumerate(self._split_specials(text)):
+            if is_special:
+                if not (n == 0 and ids and chunk == ids[0]):  # a BOS written in the text: never doubled
+                    ids.append(chunk)
+            elif self.model == "gpt2":
+                for regex_piece in self._pre_split(chunk):
+                    ids.extend(self._bpe_piece(regex_piece))
+            else:
+                ids.extend(self._spm_fragment((" " if self.add_space_prefix and prev_special else "") + chunk))
+            prev_special = is_special
+        return ids
+
+    def _split_specials(self, text):
+        """Yield (text, False) for plain text and (id, True) for special tokens written in it."""
+        pos = 0
+        if self.special_re is not None:
+            for m in self.special_re.finditer(text):
+                if m.start() > pos:
+                    yield text[pos:m.start()], False
+                yield self.token_to_id[m.group()], True
+                pos = m.end()
+        if pos < len(text):
+            yield text[pos:], False
+
+    def _pre_split(self, text):
+        pieces = [text]
+        for regex in self.splits:
+            out = []
+            for piece in pieces:  # text between matches is kept as a piece of its own
+                pos = 0
+                for m in regex.finditer(piece):
+                    if m.start() > pos:
+                        out.append(piece[pos:m.start()])
+                    if m.end() > m.start():
+                        out.append(m.group())
+                    pos = m.end()
+                if pos < len(piece):
+                    out.append(piece[pos:])
+            pieces = out
+        return pieces
+
+    def _bpe_piece(self, piece: str) -> list[int]:
+        cached = self.cache.get(piece)
+        if cached is not None:
+            return cached
+        word = [self.byte_char[b] for b in piece.encode("utf-8")]
+        rank = self.merge_rank
+        while len(word) > 1:
+            best, best_rank = None, None
+            for i in range(len(word) - 1):
+                r = rank.get((word[i], word[i + 1]))
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best is None:
+                break
+            pair, merged, i = (word[best], word[best + 1]), word[best] + word[best + 1], 0
+            out = []
+            while i < len(word):  # merge every occurrence of the best pair, left to right
+                if i < len(word) - 1 and (word[i], word[i + 1]) == pair:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            word = out
+        ids = []
+        for w in word:
+            if w in self.token_to_id:
+                ids.append(self.token_to_id[w])
+            else:  # a vocabulary without some byte: emit the bytes it does have
+                ids.extend(self.token_to_id[c] for c in w if c in self.token_to_id)
+        if len(self.cache) < 100_000:
+            self.cache[piece] = ids
+        return ids
+
+    def _spm_fragment(self, text: str) -> list[int]:
+        """SentencePiece BPE: repeatedly merge the adjacent pair whose merged token scores
+        highest (leftmost on ties), then fall back to <0xNN> byte tokens for unknown pieces."""
+        text = text.replace(" ", "\u2581")
+        if not text:
+            return []
+        syms = list(text)
+        prev, nxt = list(range(-1, len(syms) - 1)), list(range(1, len(syms) + 1))
+        heap = []
+
+        def push(left):
+            right = nxt[left]
+            if right < len(syms):
+                merged = syms[left] + syms[right]
+                i = self.token_to_id.get(merged)
+                if i is not None:
+                    heapq.heappush(heap, (-self.scores[i], left, merged))
+
+        for i in range(len(syms) - 1):
+            push(i)
+        while heap:
+            _, left, merged = heapq.heappop(heap)
+            right = nxt[left]
+            if right >= len(syms) or not syms[left] or syms[left] + syms[right] != merged:
+                continue  # stale: one side has merged since this pair was pushed
+            syms[left], syms[right] = merged, ""
+            nxt[left] = nxt[right]
+            if nxt[left] < len(syms):
+                prev[nxt[left]] = left
+            if prev[left] >= 0:
+                push(prev[left])
+            push(left)
+        ids = []
+        for s in syms:
+            if not s:
+                continue
+            i = self.token_to_id.get(s)
+            if i is not None and self.types[i] != TOKEN_BYTE:
+                ids.append(i)
+            else:
+                for b in s.encode("utf-8"):
+                    ids.append(self.byte_ids.get(b, self.unk_id if self.unk_id is not None else 0))
+        return ids
+
+    # -- decoding -----------------------------------------------------------
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes one token stands for (control tokens give their written form)."""
+        t = self.tokens[i]
+        if self.types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN):
+            return t.encode("utf-8")
+        if self.model == "gpt2":
+            return bytes(self.char_byte.get(c, 0x3F) for c in t)
+        if self.types[i] == TOKEN_BYTE:
+            return bytes([int(t[3:5], 16)])
+        return t.replace("\u2581", " ").encode("utf-8")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text = b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        if self.model == "llama" and self.add_space_prefix and text.startswith(" ") \
+                and ids and self.types[ids[0]] == TOKEN_NORMAL:
+            text = text[1:]  # the space prefix added when encoding
+        return text
+
+
+class StreamDecoder:
+    """Turns token ids into text as they arrive, holding back an incomplete UTF-8
+    sequence until the token that completes it (a character can span tokens)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token: int) -> str:
+        return self.utf8.decode(self.tokenizer.token_bytes(token))
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+# ---------------------------------------------------------------------------
+# Model: Llama forward pass with a KV cache
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_ctx: int            # the context length the model was trained for
+    rope_theta: float
+    rope_dims: int        # RoPE rotates the first rope_dims dimensions of each head
+    rope_scale: float     # linear RoPE scaling: positions are divided by this
+    norm_eps: float
+
+
+def _config(gguf: GGUFFile) -> Config:
+    meta, path = gguf.metadata, gguf.path
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{path}: architecture {arch!r} is not supported (run.py runs 'llama')")
+    if meta.get("llama.expert_count", 0):
+        raise GGUFError(f"{path}: llama.expert_count = {meta['llama.expert_count']}: "
+                        f"mixture-of-experts models are not supported")
+
+    def get(key, kind=int, default=None):
+        value = meta.get("llama." + key, default)
+        if value is None:
+            raise GGUFError(f"{path}: metadata llama.{key} is missing")
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 31):
+            raise GGUFError(f"{path}: metadata llama.{key} = {value!r} is not a positive integer")
+        if kind is float and (not isinstance(value, (int, float)) or not 0 <= value < 1e30):
+            raise GGUFError(f"{path}: metadata llama.{key} = {value!r} is out of range")
+        return kind(value)
+
+    n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    n_head_kv = get("attention.head_count_kv", default=n_head)
+    head_dim = get("attention.key_length", default=n_embd // n_head if n_embd % n_head == 0 else None)
+    if get("attention.value_length", default=head_dim) != head_dim:
+        raise GGUFError(f"{path}: llama.attention.value_length differs from key_length (not supported)")
+    if n_head % n_head_kv:
+        raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+    rope_dims = get("rope.dimension_count", default=head_dim)
+    if rope_dims > head_dim or rope_dims % 2:
+        raise GGUFError(f"{path}: llama.rope.dimension_count = {rope_dims} does not fit head size {head_dim}")
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise GGUFError(f"{path}: llama.rope.scaling.type = {scaling!r} is not supported (none, linear)")
+    rope_scale = get("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    return Config(
+        n_vocab=get("vocab_size", default=len(tokens) or None), n_embd=n_embd,
+        n_layer=get("block_count"), n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+        n_ff=get("feed_forward_length"), n_ctx=get("context_length"),
+        rope_theta=get("rope.freq_base", float, 10000.0), rope_dims=rope_dims,
+        rope_scale=rope_scale or 1.0, norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-5))
+
+
+def rms_norm(x, weight, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def silu(x):
+    with np.errstate(over="ignore"):  # exp overflow for very negative x gives the right limit, 0
+        return x / (1.0 + np.exp(-x))
+
+
+def softmax(x, axis=-1):
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    wq: TensorInfo
+    wk: TensorInfo
+    wv: TensorInfo
+    wo: TensorInfo
+    ffn_norm: np.ndarray
+    w_gate: TensorInfo
+    w_up: TensorInfo
+    w_down: TensorInfo
+
+
+PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
+
+
+class Model:
+    """A loaded GGUF Llama model with its tokenizer and one KV cache (one conversation)."""
+
+    def __init__(self, gguf: GGUFFile, n_ctx: int | None = None):
+        self.gguf, self.metadata, self.path = gguf, gguf.metadata, gguf.path
+        self.config = c = _config(gguf)
+        self.tokenizer = Tokenizer(gguf.metadata, gguf.path)
+        self.n_ctx = min(n_ctx or c.n_ctx, c.n_ctx)
+        if len(self.tokenizer.tokens) > c.n_vocab:
+            raise GGUFError(f"{self.path}: {len(self.tokenizer.tokens)} tokens but llama.vocab_size is {c.n_vocab}")
+        q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+
+        def tensor(name, shape, matrix=True):
+            t = gguf.tensors.get(name)
+            if t is None:
+                raise GGUFError(f"{self.path}: tensor {name!r} is missing")
+            if t.shape != shape:
+                raise GGUFError(f"{self.path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+            if t.type not in DEQUANTIZE:
+                raise GGUFError(f"{self.path}: tensor {name!r} has type {t.type_name}, which run.py does not "
+                                f"decode (supported: {SUPPORTED_TYPES})")
+            if matrix:
+                return t
+            return dequantize(t.data.reshape(1, -1), t.type).reshape(shape)  # small vectors as float32
+
+        self.token_embd = tensor("token_embd.weight", (c.n_vocab, c.n_embd))
+        # tied embeddings: no output.weight, the output projection reuses the embedding
+        self.output = (tensor("output.weight", (c.n_vocab, c.n_embd))
+                       if "output.weight" in gguf.tensors else self.token_embd)
+        self.output_norm = tensor("output_norm.weight", (c.n_embd,), matrix=False)
+        self.layers = []
+        for i in range(c.n_layer):
+            p = f"blk.{i}."
+            self.layers.append(Layer(
+                attn_norm=tensor(p + "attn_norm.weight", (c.n_embd,), False),
+                wq=tensor(p + "attn_q.weight", (q_dim, c.n_embd)),
+                wk=tensor(p + "attn_k.weight", (kv_dim, c.n_embd)),
+                wv=tensor(p + "attn_v.weight", (kv_dim, c.n_embd)),
+                wo=tensor(p + "attn_output.weight", (c.n_embd, q_dim)),
+                ffn_norm=tensor(p + "ffn_norm.weight", (c.n_embd,), False),
+                w_gate=tensor(p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
+                w_up=tensor(p + "ffn_up.weight", (c.n_ff, c.n_embd)),
+                w_down=tensor(p + "ffn_down.weight", (c.n_embd, c.n_ff))))
+        inv_freq = c.rope_theta ** (-np.arange(0, c.rope_dims, 2, dtype=np.float64) / c.rope_dims)
+        if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+ long-context frequency factors
+            inv_freq = inv_freq / tensor("rope_freqs.weight", (c.rope_dims // 2,), False)
+        self.inv_freq = inv_freq / c.rope_scale
+        self.cache_ids: list[int] = []  # the tokens whose keys and values are in the cache
+        self.k_cache = self.v_cache = None
+        self.finish_reason = None
+
+    # -- the Python interface -------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Text -> token ids; add_bos None follows the file's add_bos_token rule."""
+        return self.tokenizer.encode(text, add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """The next-token logits at every position: float32 (len(ids), n_vocab)."""
+        ids = self._check_ids(ids)
+        self.cache_ids = []
+        out = [self._forward(ids[i:i + PROMPT_BATCH], i, all_logits=True)
+               for i in range(0, len(ids), PROMPT_BATCH)]
+        self.cache_ids = list(ids)
+        return np.concatenate(out)
+
+    def generate(self, ids: Sequence[int], max_tokens: int = 256, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> Iterator[int]:
+        """Yield generated token ids. It ends at an end-of-generation token (not yielded),
+        after max_tokens, when the context is full, or when the text contains a stop string
+        (the tokens that make it up are held back and not yielded). self.finish_reason then
+        says which: 'eos', 'length', 'context' or 'stop'."""
+        ids = self._check_ids(ids)
+        rng = np.random.default_rng(seed)
+        history = list(ids)
+        self.finish_reason = "length"
+        logits = self._prefill(ids)
+        held: list[int] = []  # tokens that may be the start of a stop string
+        for _ in range(max_tokens):
+            token = sample(logits, rng, temperature, top_k, top_p, min_p, repeat_penalty, history[-64:])
+            if token in self.tokenizer.eog_ids:
+                self.finish_reason = "eos"
+                break
+            history.append(token)
+            if stop:
+                held.append(token)
+                text = self.detokenize(held)
+                if any(s in text for s in stop):
+                    self.finish_reason, held = "stop", []
+                    break
+                if not any(text.endswith(s[:k]) for s in stop for k in range(1, len(s))):
+                    yield from held
+                    held = []
+            else:
+                yield token
+            if len(self.cache_ids) >= self.n_ctx:
+                self.finish_reason = "context"
+                break
+            logits = self._forward([token], len(self.cache_ids), all_logits=False)[-1]
+            self.cache_ids.append(token)
+        yield from held
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render messages ([{'role': ..., 'content': ...}]) with the model's chat template."""
+        return render_chat(self.metadata, messages, add_generation_prompt)
+
+    # -- internals ---------------------------------------------------------------
+    def _check_ids(self, ids):
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("no tokens to run: the prompt is empty")
+        bad = [i for i in ids if not 0 <= i < self.config.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range (vocabulary has {self.config.n_vocab})")
+        if len(ids) > self.n_ctx:
+            raise ContextFull(f"{len(ids)} tokens do not fit in the context of {self.n_ctx} tokens")
+        return ids
+
+    def _prefill(self, ids):
+        """Run the prompt, reusing the cached keys and values of a shared prefix (a chat's
+        earlier turns), and return the logits after its last token."""
+        common = 0
+        for a, b in zip(self.cache_ids, ids[:-1]):  # the last token always runs: its logits are needed
+            if a != b:
+                break
+            common += 1
+        self.cache_ids = self.cache_ids[:common]
+        for i in range(common, len(ids), PROMPT_BATCH):
+            logits = self._forward(ids[i:i + PROMPT_BATCH], i, all_logits=False)
+            self.cache_ids.extend(ids[i:i + PROMPT_BATCH])
+        return logits[-1]
+
+    def _reserve(self, n):
+        c = self.config
+        have = 0 if self.k_cache is None else self.k_cache.shape[1]
+        if n <= have:
+            return
+        size = min(self.n_ctx, max(n, 2 * have, 256))  # grow by doubling up to the context
+        shape = (c.n_layer, size, c.n_head_kv, c.head_dim)
+        k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        if have:
+            k[:, :have], v[:, :have] = self.k_cache, self.v_cache
+        self.k_cache, self.v_cache = k, v
+
+    def _rope(self, x, cos, sin):
+        """Rotate adjacent pairs (2i, 2i+1) of the first rope_dims of each head: GGUF's
+        llama layout (its converters permute Wq and Wk rows to match)."""
+        d = self.config.rope_dims
+        pairs = x[..., :d].reshape(*x.shape[:-1], d // 2, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        rotated = np.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(*x.shape[:-1], d)
+        return np.concatenate([rotated, x[..., d:]], axis=-1) if d < x.shape[-1] else rotated
+
+    def _forward(self, tokens, start, all_logits):
+        c = self.config
+        T, S = len(tokens), start + len(tokens)
+        self._reserve(S)
+        angles = np.arange(start, S, dtype=np.float64)[:, None] * self.inv_freq[None, :]
+        cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, rope_dims/2)
+        sin = np.sin(angles).astype(np.float32)[:, None, :]
+        # query t (at position start+t) sees keys 0..start+t
+        mask = np.arange(S)[None, :] <= np.arange(start, S)[:, None]  # (T, S)
+        group, scale = c.n_head // c.n_head_kv, 1.0 / c.head_dim ** 0.5
+        x = get_rows(self.token_embd, tokens)  # (T, n_embd)
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attn_norm, c.norm_eps)
+            q = self._rope(matmul(h, L.wq).reshape(T, c.n_head, c.head_dim), cos, sin)
+            k = self._rope(matmul(h, L.wk).reshape(T, c.n_head_kv, c.head_dim), cos, sin)
+            self.k_cache[i, start:S] = k
+            self.v_cache[i, start:S] = matmul(h, L.wv).reshape(T, c.n_head_kv, c.head_dim)
+            keys, values = self.k_cache[i, :S], self.v_cache[i, :S]  # (S, n_head_kv, head_dim)
+            # grouped-query attention: query head j uses key/value head j // group
+            q = q.reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
+            scores = (q.reshape(c.n_head_kv, group * T, c.head_dim) @ keys.transpose(1, 2, 0)) * scale
+            scores = np.where(mask, scores.reshape(c.n_head_kv, group, T, S), -np.inf)
+            probs = softmax(scores).reshape(c.n_head_kv, group * T, S)
+            att = (probs @ values.transpose(1, 0, 2)).reshape(c.n_head_kv, group, T, c.head_dim)
+            x = x + matmul(att.transpose(2, 0, 1, 3).reshape(T, -1), L.wo)
+            h = rms_norm(x, L.ffn_norm, c.norm_eps)
+            x = x + matmul(silu(matmul(h, L.w_gate)) * matmul(h, L.w_up), L.w_down)
+        if not all_logits:
+            x = x[-1:]
+        return matmul(rms_norm(x, self.output_norm, c.norm_eps), self.output)
+
+
+def load(path: str, n_ctx: int | None = None) -> Model:
+    """Load a GGUF model: the tensors stay memory-mapped in their file types."""
+    return Model(read_gguf(path), n_ctx)
+
+
+# ---------------------------------------------------------------------------
+# Sampler
+# ---------------------------------------------------------------------------
+
+def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.8, top_k: int = 40,
+           top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+           recent: Sequence[int] = ()) -> int:
+    """Pick the next token. Order as in Hugging Face's generate: repetition penalty, then
+    temperature, then top-k, top-p and min-p filters on the resulting distribution.
+    temperature <= 0 is greedy (argmax); top_k 0, top_p 1 and min_p 0 disable their filters."""
+    logits = logits.astype(np.float64)
+    if repeat_penalty != 1.0 and len(recent):
+        seen = np.unique(np.asarray(recent))
+        # as in CTRL and llama.cpp: divide positive logits, multiply negative ones
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / repeat_penalty, logits[seen] * repeat_penalty)
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    logits = logits / temperature
+    order = np.argsort(-logits, kind="stable")
+    if 0 < top_k < len(order):
+        order = order[:top_k]
+    probs = softmax(logits[order])
+    if top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p
+        keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
+        order, probs = order[:keep], probs[:keep]
+    if min_p > 0.0:  # drop tokens less likely than min_p times the most likely one
+        keep = probs >= min_p * probs[0]
+        order, probs = order[keep], probs[keep]
+    probs = probs / probs.sum()
+    return int(order[rng.choice(len(order), p=probs)])
+
+
+# ---------------------------------------------------------------------------
+# Chat templates
+# ---------------------------------------------------------------------------
+
+def render_chat(metadata: dict, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render the file's tokenizer.chat_template with jinja2 as Hugging Face transformers
+    does; without jinja2, a ChatML-shaped template is rendered as plain ChatML."""
+    template = metadata.get("tokenizer.chat_template")
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+
+    def token_text(key):
+        i = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
+
+    if not template:
+        raise ValueError("this model file has no tokenizer.chat_template: use a plain prompt instead of chat")
+    try:
+        import jinja2
+        import jinja2.sandbox
+    except ImportError:
+        if "<|im_start|>" in template and "<|im_end|>" in template:
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        raise ValueError("this model's chat template needs jinja2 (pip install jinja2); "
+                         "only ChatML templates are rendered without it") from None
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=token_text("bos"), eos_token=token_text("eos"))
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"chat template error: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def add_generation_args(p: argparse.ArgumentParser):
+    p.add_argument("-p", "--prompt", default="Once upon a time", help="text to continue")
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.05, help="0 = off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    p.add_argument("--ctx-size", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--system", default=None, help="chat: a system message")
+
+
+def _check_args(args):
+    for name, ok in (("max_tokens", args.max_tokens >= 0), ("temperature", args.temperature >= 0),
+                     ("top_k", args.top_k >= 0), ("top_p", 0 < args.top_p <= 1),
+                     ("min_p", 0 <= args.min_p < 1), ("repeat_penalty", args.repeat_penalty > 0),
+                     ("ctx_size", args.ctx_size is None or args.ctx_size > 0)):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
+
+
+def _sampling(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+
+
+def _stream(model: Model, ids: list[int], args, out=sys.stdout) -> tuple[str, int, float]:
+    """Generate, printing text as it comes; return (text, tokens, seconds after the first token)."""
+    decode, pieces, n, t_first = StreamDecoder(model.tokenizer), [], 0, None
+    for token in model.generate(ids, args.max_tokens, **_sampling(args)):
+        if t_first is None:
+            t_first = time.perf_counter()
+        n += 1
+        piece = decode(token)
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    pieces.append(decode.flush())
+    out.write(pieces[-1])
+    out.flush()
+    return "".join(pieces), n, (time.perf_counter() - t_first) if t_first else 0.0
+
+
+def run_prompt(path: str, args) -> None:
+    """`run`: continue a prompt, streaming the text to stdout and timings to stderr."""
+    _check_args(args)
+    t0 = time.perf_counter()
+    model = load(path, args.ctx_size)
+    t_load = time.perf_counter() - t0
+    ids = model.tokenize(args.prompt)
+    t0 = time.perf_counter()
+    text, n, t_gen = _stream(model, ids, args)
+    t_total = time.perf_counter() - t0
+    t_prompt = t_total - t_gen
+    print(file=sys.stderr)
+    print(f"load {t_load:.2f} s | prompt {len(ids)} tokens, {len(ids) / max(t_prompt, 1e-9):.1f} tok/s | "
+          f"generation {n} tokens, {max(n - 1, 0) / max(t_gen, 1e-9):.1f} tok/s | "
+          f"stop: {model.finish_reason}", file=sys.stderr)
+
+
+def run_chat(path: str, args) -> None:
+    """`chat`: an interactive conversation with the model's chat template."""
+    _check_args(args)
+    model = load(path, args.ctx_size)
+    render_chat(model.metadata, [{"role": "user", "content": "hi"}])  # fail early on a bad template
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {model.metadata.get('general.name', path)} "
+              f"(/reset to start over, Ctrl-D to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = model.tokenize(model.chat_prompt(messages))
+        reply, _, _ = _stream(model, ids, args)
+        print()
+        messages.append({"role": "assistant", "content": reply.strip()})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="run.py", description="Run a GGUF Llama model with numpy.")
+    p.add_argument("model", help="path to a .gguf file")
+    p.add_argument("--chat", action="store_true", help="interactive chat with the model's template")
+    add_generation_args(p)
+    args = p.parse_args(argv)
+    return guarded(run_chat if args.chat else run_prompt, args.model, args)
+
+
+def guarded(fn, *args) -> int:
+    """Run a command; bad input ends in one clear line on stderr and a non-zero exit."""
+    try:
+        fn(*args)
+        return 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except (OSError, ValueError, MemoryError) as e:
+        message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
