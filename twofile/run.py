@@ -426,9 +426,14 @@ class Tokenizer:
         if not self.tokens or not all(isinstance(t, str) for t in self.tokens):
             raise GGUFError(f"{path}: tokenizer.ggml.tokens is missing or not a list of strings")
         n = len(self.tokens)
-        self.types = get("token_type") or [TOKEN_NORMAL] * n
-        if len(self.types) != n:
-            raise GGUFError(f"{path}: tokenizer.ggml.token_type has {len(self.types)} entries for {n} tokens")
+
+        def array(key, kind, default, label):
+            value = get(key, default)
+            if not isinstance(value, list) or len(value) != n or not all(isinstance(v, kind) for v in value):
+                raise GGUFError(f"{path}: tokenizer.ggml.{key} is not a list of {n} {label}")
+            return value
+
+        self.types = array("token_type", int, [TOKEN_NORMAL] * n, "integers")
         self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
 
         def special(key):
@@ -460,8 +465,9 @@ class Tokenizer:
                                 f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
             self.splits = _split_patterns(pre)
             merges = get("merges")
-            if not merges:
-                raise GGUFError(f"{path}: tokenizer.ggml.merges is missing (required for a gpt2 tokenizer)")
+            if not merges or not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+                raise GGUFError(f"{path}: tokenizer.ggml.merges is missing or not a list of strings "
+                                f"(required for a gpt2 tokenizer)")
             self.merge_rank = {}
             for rank, m in enumerate(merges):
                 left, _, right = m.partition(" ")
@@ -469,9 +475,7 @@ class Tokenizer:
             self.byte_char = _byte_to_unicode()
             self.char_byte = {c: b for b, c in self.byte_char.items()}
         else:
-            self.scores = get("scores") or [0.0] * n
-            if len(self.scores) != n:
-                raise GGUFError(f"{path}: tokenizer.ggml.scores has {len(self.scores)} entries for {n} tokens")
+            self.scores = array("scores", (int, float), [0.0] * n, "numbers")
             self.add_space_prefix = bool(get("add_space_prefix", True))
             self.byte_ids = {}
             for i, t in enumerate(self.tokens):

@@ -1,0 +1,71 @@
+"""The commands as a user runs them: run.py alone in an empty folder with numpy only,
+`twofile run` and `twofile chat`, and their errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from twofile import run
+
+# Blocks every third-party import except numpy, as on a machine with only numpy installed.
+NUMPY_ONLY = """
+import sys, importlib.abc
+class OnlyNumpy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        top = name.partition('.')[0]
+        if top in ('jinja2', 'twofile', 'torch', 'transformers', 'gguf', 'numba', 'tokenizers', 'markupsafe'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, OnlyNumpy())
+sys.argv = ['run.py'] + sys.argv[1:]
+import runpy
+runpy.run_path('run.py', run_name='__main__')
+"""
+
+
+def run_alone(folder, *args, stdin=None):
+    return subprocess.run([sys.executable, "-c", NUMPY_ONLY, *args], cwd=folder, input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_run_py_alone_with_numpy_only(tmp_path, tiny_gguf):
+    shutil.copy(run.__file__, tmp_path / "run.py")
+    shutil.copy(tiny_gguf[0], tmp_path / "model.gguf")
+    args = ["model.gguf", "-p", "The quick", "-n", "12", "--seed", "3", "--temperature", "0.8"]
+    a, b = run_alone(tmp_path, *args), run_alone(tmp_path, *args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and len(a.stdout) > 0  # same seed, same text
+    assert "tok/s" in a.stderr and "load" in a.stderr
+    # chat without jinja2: the ChatML template is rendered as ChatML
+    chat = run_alone(tmp_path, "model.gguf", "--chat", "-n", "8", "--seed", "1", stdin="hello\nhow are you?\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("\n") >= 2
+
+
+def test_twofile_commands(tmp_path, tiny_gguf):
+    env = {**os.environ, "PYTHONPATH": str(Path(run.__file__).parents[1])}
+    cmd = [sys.executable, "-m", "twofile"]
+    r = subprocess.run([*cmd, "run", str(tiny_gguf[0]), "-p", "Hello", "-n", "5", "--temperature", "0"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout, r.stderr
+    chat = subprocess.run([*cmd, "chat", str(tiny_gguf[0]), "-n", "5", "--system", "Be nice."],
+                          input="hi\n/reset\nagain\n", capture_output=True, text=True, env=env)
+    assert chat.returncode == 0, chat.stderr
+    for bad, message in ((["--top-p", "2"], "--top-p 2.0 is out of range"),
+                         (["--temperature", "-1"], "--temperature -1.0 is out of range"),
+                         (["-p", ""], "no tokens to run: the prompt is empty")):
+        r = subprocess.run([*cmd, "run", str(tiny_gguf[0]), *bad], capture_output=True, text=True, env=env)
+        assert r.returncode == 1 and r.stderr.strip() == f"error: {message}", r.stderr
+
+
+@pytest.mark.slow
+def test_default_model_demo(smollm2_path):
+    """`twofile run` with no arguments: the default model (already in the cache) continues
+    the demo prompt with real English."""
+    r = subprocess.run([sys.executable, "-m", "twofile", "run", "-n", "12", "--temperature", "0"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(", ") and len(r.stdout.split()) >= 8, r.stdout
