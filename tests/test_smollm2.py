@@ -1,6 +1,8 @@
 """The default model, SmolLM2-135M-Instruct (Q4_1), against Hugging Face transformers
 loading the same GGUF file: logits, greedy generations, tokenization, chat template."""
 
+import unicodedata
+
 import numpy as np
 import pytest
 import torch
@@ -60,12 +62,29 @@ def test_32_greedy_tokens_identical(ours, hf_model, hf_tokenizer, prompt):
 
 
 def test_tokenizer_matches_transformers_on_1000_strings(ours, hf_tokenizer):
+    """transformers' GGUF loader ignores tokenizer.ggml.pre: for SmolLM2 (`smollm`) it drops
+    the model's own first split, every digit on its own (Digits(individual_digits=True), as
+    in SmolLM2's tokenizer.json and in llama.cpp). Oracle 1 is transformers' tokenizer for
+    the file with that split restored; oracle 2 is transformers' tokenizer as it loads, on
+    the strings without digits, where the missing split cannot matter."""
+    import copy
+
+    from tokenizers import pre_tokenizers
+
+    original = copy.deepcopy(hf_tokenizer)
+    original.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), hf_tokenizer.backend_tokenizer.pre_tokenizer])
     specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<file_sep>"]
     texts = varied_strings(1200, seed=11, specials=specials)
+    without_digits = 0
     for text in texts:
-        expected = hf_tokenizer(text, add_special_tokens=True)["input_ids"]
-        assert ours.tokenize(text) == expected, repr(text)
-        assert ours.detokenize(expected) == hf_tokenizer.decode(expected), repr(text)
+        mine = ours.tokenize(text)
+        assert mine == original(text)["input_ids"], repr(text)
+        if not any(unicodedata.category(c)[0] == "N" for c in text):  # \p{N}
+            without_digits += 1
+            assert mine == hf_tokenizer(text)["input_ids"], repr(text)
+        assert ours.detokenize(mine) == hf_tokenizer.decode(mine), repr(text)
+    assert without_digits >= 400
 
 
 def test_chat_template_matches_transformers(ours, hf_tokenizer):
