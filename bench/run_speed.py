@@ -52,7 +52,7 @@ def bytes_per_token(model: run.Model) -> int:
 
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 t = time.perf_counter()
 sys.path.insert(0, {root!r})
 from twofile import run
@@ -60,7 +60,9 @@ m = run.load({path!r})
 load = time.perf_counter() - t
 m.tokenizer.eog_ids = set()
 list(m.generate(m.tokenize("Hello"), max_tokens={n}, temperature=0))
-print(json.dumps({{"load": load, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+# VmHWM, not ru_maxrss: the latter can carry the parent's peak across vfork + exec
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
+print(json.dumps({{"load": load, "rss": int(hwm.split()[1]) * 1024}}))
 """
 
 

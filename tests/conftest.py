@@ -104,7 +104,7 @@ def add_metadata(writer, metadata: dict):
         elif isinstance(value, float):
             writer.add_float32(key, value)
         elif isinstance(value, int):
-            writer.add_uint32(key, value)
+            (writer.add_int32 if value < 0 else writer.add_uint32 if value < 2**32 else writer.add_uint64)(key, value)
         elif isinstance(value, list) and value and isinstance(value[0], float):
             writer.add_array(key, [float(v) for v in value])
         elif isinstance(value, list) and value and isinstance(value[0], int) and key.endswith("token_type"):

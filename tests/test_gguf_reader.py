@@ -163,3 +163,38 @@ def test_cli_bad_model_is_one_line_and_nonzero(tmp_path):
         assert r.returncode == 1, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_metadata_of_wrong_types_fails_cleanly(tmp_path, small_model_bytes):
+    """Every metadata key of a real model replaced by values of other types and absurd sizes:
+    the model loads and runs, or load() raises GGUFError/ValueError naming the key."""
+    from conftest import add_metadata
+
+    good = tmp_path / "good.gguf"
+    good.write_bytes(small_model_bytes)
+    original = run.read_gguf(good)
+    replacements = [0, 2**31 - 1, -1, 1.5, float("nan"), "x", True, [1, 2], ["a", "b"], [[1]], [0.5] * 3]
+    checked = 0
+    for key in original.metadata:
+        if key.startswith("general.") and key != "general.architecture":
+            continue
+        for value in replacements:
+            path = tmp_path / "bad.gguf"
+            writer = gguf.GGUFWriter(str(path), "llama")
+            writer.kv_data[0].pop("general.architecture", None)
+            add_metadata(writer, {**{k: v for k, v in original.metadata.items()
+                                     if k not in ("GGUF.version",)}, key: value})
+            for name, t in original.tensors.items():
+                writer.add_tensor(name, np.asarray(t.data).reshape(*t.shape[:-1], -1),  # bytes per row
+                                  raw_dtype=gguf.GGMLQuantizationType(t.type))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            try:
+                model = run.load(path)
+                model.logits(model.tokenize("hi there") or [1])
+            except (run.GGUFError, ValueError) as e:
+                assert "\n" not in str(e)
+            checked += 1
+    assert checked > 100

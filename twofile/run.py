@@ -416,14 +416,17 @@ def _byte_to_unicode() -> dict[int, str]:
 
 class Tokenizer:
     def __init__(self, meta: dict, path: str = "model"):
-        def get(key, default=None):
-            return meta.get("tokenizer.ggml." + key, default)
+        def get(key, default=None, kind=None):
+            value = meta.get("tokenizer.ggml." + key, default)
+            if kind is not None and value is not None and not isinstance(value, kind):
+                raise GGUFError(f"{path}: tokenizer.ggml.{key} = {value!r:.40} is not a {kind.__name__}")
+            return value
 
-        self.model = get("model")
+        self.model = get("model", kind=str)
         if self.model not in ("gpt2", "llama"):
             raise GGUFError(f"{path}: tokenizer.ggml.model = {self.model!r} is not supported (gpt2 and llama are)")
-        self.tokens: list[str] = get("tokens") or []
-        if not self.tokens or not all(isinstance(t, str) for t in self.tokens):
+        self.tokens: list[str] = get("tokens")
+        if not isinstance(self.tokens, list) or not self.tokens or not all(isinstance(t, str) for t in self.tokens):
             raise GGUFError(f"{path}: tokenizer.ggml.tokens is missing or not a list of strings")
         n = len(self.tokens)
 
@@ -443,7 +446,7 @@ class Tokenizer:
             return value
 
         self.bos_id, self.eos_id = special("bos"), special("eos")
-        self.add_bos = bool(get("add_bos_token", self.model == "llama"))
+        self.add_bos = get("add_bos_token", self.model == "llama", bool)
         if self.add_bos and self.bos_id is None:
             raise GGUFError(f"{path}: add_bos_token is set but tokenizer.ggml.bos_token_id is missing")
         # generation ends on any end-of-generation token: EOS, end-of-turn, and the usual
@@ -459,7 +462,7 @@ class Tokenizer:
         self.cache: dict[str, list[int]] = {}
 
         if self.model == "gpt2":
-            pre = get("pre", "default")
+            pre = get("pre", "default", str)
             if pre not in PRE_TOKENIZERS:
                 raise GGUFError(f"{path}: tokenizer.ggml.pre = {pre!r} is not supported "
                                 f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
@@ -476,7 +479,7 @@ class Tokenizer:
             self.char_byte = {c: b for b, c in self.byte_char.items()}
         else:
             self.scores = array("scores", (int, float), [0.0] * n, "numbers")
-            self.add_space_prefix = bool(get("add_space_prefix", True))
+            self.add_space_prefix = get("add_space_prefix", True, bool)
             self.byte_ids = {}
             for i, t in enumerate(self.tokens):
                 if self.types[i] == TOKEN_BYTE and len(t) == 6 and t.startswith("<0x"):
@@ -678,8 +681,8 @@ def _config(gguf: GGUFFile) -> Config:
             raise GGUFError(f"{path}: metadata llama.{key} is missing")
         if kind is int and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 31):
             raise GGUFError(f"{path}: metadata llama.{key} = {value!r} is not a positive integer")
-        if kind is float and (not isinstance(value, (int, float)) or not 0 <= value < 1e30):
-            raise GGUFError(f"{path}: metadata llama.{key} = {value!r} is out of range")
+        if kind is float and (not isinstance(value, (int, float)) or not 0 < value < 1e30):
+            raise GGUFError(f"{path}: metadata llama.{key} = {value!r} is not a positive number")
         return kind(value)
 
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
@@ -696,7 +699,8 @@ def _config(gguf: GGUFFile) -> Config:
     if scaling not in ("none", "linear"):
         raise GGUFError(f"{path}: llama.rope.scaling.type = {scaling!r} is not supported (none, linear)")
     rope_scale = get("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0
-    tokens = meta.get("tokenizer.ggml.tokens") or []
+    tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else []
     return Config(
         n_vocab=get("vocab_size", default=len(tokens) or None), n_embd=n_embd,
         n_layer=get("block_count"), n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
@@ -975,7 +979,7 @@ def render_chat(metadata: dict, messages: list[dict], add_generation_prompt: boo
         i = metadata.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
 
-    if not template:
+    if not template or not isinstance(template, str):
         raise ValueError("this model file has no tokenizer.chat_template: use a plain prompt instead of chat")
     try:
         import jinja2
@@ -1060,7 +1064,7 @@ def run_prompt(path: str, args) -> None:
     t_load = time.perf_counter() - t0
     ids = model.tokenize(args.prompt)
     t0 = time.perf_counter()
-    text, n, t_gen = _stream(model, ids, args)
+    _, n, t_gen = _stream(model, ids, args)
     t_total = time.perf_counter() - t0
     t_prompt = t_total - t_gen
     print(file=sys.stderr)
@@ -1091,8 +1095,17 @@ def run_chat(path: str, args) -> None:
             continue
         messages.append({"role": "user", "content": line})
         ids = model.tokenize(model.chat_prompt(messages))
-        reply, _, _ = _stream(model, ids, args)
+        try:
+            reply, _, _ = _stream(model, ids, args)
+        except ContextFull as e:
+            messages.pop()
+            print(f"[{e}: /reset to start a new conversation]", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the conversation
+            reply = model.detokenize(model.cache_ids[len(ids):])
         print()
+        if model.finish_reason == "context":
+            print("[the context is full: /reset to start a new conversation]", file=sys.stderr)
         messages.append({"role": "assistant", "content": reply.strip()})
 
 
