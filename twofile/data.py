@@ -1,0 +1,500 @@
+"""From raw text to token shards, and the loader that feeds them to training.
+
+    twofile data fetch-default                                   # Shakespeare into the cache
+    twofile data prepare [CORPUS...] --tokenizer tok.json -o data/ [--val-fraction 0.01]
+
+CORPUS is any mix of .txt/.md files, folders of them (recursive), .jsonl with a text field
+(--field), .parquet with a text column, and - for standard input; each may be compressed
+(.gz, .zst). Without CORPUS, the default corpus. A whole file is one document; so is each
+jsonl line and parquet row. Documents are split into train and validation whole, the same
+way on every run, and each starts with the BOS token in the shards.
+
+The output folder holds shards (raw uint16 or uint32 tokens, memory-mappable) and a
+manifest.json written last: a folder without a manifest is an interrupted prepare, and a
+rerun rebuilds it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+TEXT_SUFFIXES = (".txt", ".md")
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+PIECE_BYTES = 1 << 16        # texts are read and tokenized in pieces of about this size (64 KB:
+                             # `tokenizers` needs hundreds of bytes of memory per input byte)
+SHARD_TOKENS = 1 << 24       # 16M tokens per shard (32 MB as uint16)
+MANIFEST = "manifest.json"
+FORMAT = "twofile-shards-1"
+
+
+# ---------------------------------------------------------------------------
+# Reading corpora
+# ---------------------------------------------------------------------------
+
+@dataclass
+class ReadStats:
+    """What reading found, reported once at the end rather than per document."""
+    documents: int = 0
+    bytes: int = 0
+    replaced: int = 0                        # invalid UTF-8 sequences replaced by U+FFFD
+    skipped: list[str] = field(default_factory=list)  # what --skip-bad left out, and why
+
+    def report(self) -> None:
+        if self.replaced:
+            print(f"warning: {self.replaced} invalid UTF-8 sequences were replaced by U+FFFD", file=sys.stderr)
+        for line in self.skipped:
+            print(f"warning: skipped {line}", file=sys.stderr)
+
+
+@dataclass
+class Source:
+    path: str       # a file path, or "-" for standard input
+    name: str       # the stable name a document's split is decided by
+    size: int       # bytes on disk (0 for standard input)
+
+    @property
+    def kind(self) -> str:
+        base = self.path[:-3] if self.path.endswith(".gz") else self.path[:-4] if self.path.endswith(".zst") else self.path
+        return "records" if base.endswith(RECORD_SUFFIXES) else "text"
+
+
+def _usable(path: Path) -> bool:
+    name = path.name
+    for suffix in COMPRESSED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name.endswith(TEXT_SUFFIXES + RECORD_SUFFIXES)
+
+
+def expand(corpus: list[str]) -> list[Source]:
+    """Files, folders (recursive, sorted) and "-" -> the list of sources to read."""
+    sources = []
+    for item in corpus:
+        if item == "-":
+            sources.append(Source("-", "<stdin>", 0))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _usable(p))
+            if not files:
+                raise ValueError(f"{item}: folder holds no {'/'.join(TEXT_SUFFIXES + RECORD_SUFFIXES)} files")
+            sources += [Source(str(p), p.relative_to(path).as_posix(), p.stat().st_size) for p in files]
+        elif path.is_file():
+            sources.append(Source(item, path.name, path.stat().st_size))
+        else:
+            raise FileNotFoundError(2, "No such file or directory", item)
+    if not sources:
+        raise ValueError("no corpus given")
+    return sources
+
+
+def _open(source: Source):
+    """A binary stream of the source's bytes, decompressed."""
+    if source.path == "-":
+        return sys.stdin.buffer
+    if source.path.endswith(".gz"):
+        return gzip.open(source.path, "rb")
+    if source.path.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(source.path, "rb"), closefd=True)
+    return open(source.path, "rb")
+
+
+class _Utf8:
+    """Decodes UTF-8 incrementally, replacing invalid sequences and counting them."""
+
+    def __init__(self, stats: ReadStats):
+        def count(error):
+            stats.replaced += 1
+            return "\ufffd", error.end
+
+        self.name = f"twofile-count-{id(self)}"
+        codecs.register_error(self.name, count)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors=self.name)
+
+    def __call__(self, data: bytes, final: bool = False) -> str:
+        return self.decoder.decode(data, final)
+
+
+def _safe_cut(text: str) -> int:
+    """The last position where a piece of text can end without changing tokenization:
+    after a newline and before a non-space character (no split regex match crosses it)."""
+    i = len(text) - 1
+    while i > 0:
+        i = text.rfind("\n", 0, i)
+        if i < 0:
+            return 0
+        if i + 1 < len(text) and not text[i + 1].isspace():
+            return i + 1
+    return 0
+
+
+def _read_text(source: Source, stats: ReadStats, skip_bad: bool) -> Iterator[tuple[str, str, bool]]:
+    decode, pending, first = _Utf8(stats), "", True
+    with _open(source) as f:
+        while True:
+            data = f.read(PIECE_BYTES)
+            if first and b"\0" in data[:8192]:
+                if skip_bad:
+                    stats.skipped.append(f"{source.path}: binary (NUL bytes)")
+                    return
+                raise ValueError(f"{source.path}: looks binary (NUL bytes), not text (--skip-bad skips such files)")
+            stats.bytes += len(data)
+            pending += decode(data, final=not data)
+            cut = _safe_cut(pending) if data else len(pending)
+            if not cut and len(pending) > 8 * PIECE_BYTES:  # no safe cut (one huge line): cut after a space
+                cut = pending.rfind(" ") + 1 or len(pending)
+            if cut and (len(pending) >= PIECE_BYTES or not data):
+                yield source.name, pending[:cut], first
+                pending, first = pending[cut:], False
+            if not data:
+                break
+    if pending:
+        yield source.name, pending, first
+
+
+def _read_records(source: Source, text_field: str, stats: ReadStats, skip_bad: bool):
+    base = source.path.removesuffix(".gz").removesuffix(".zst")
+    if base.endswith(".parquet"):
+        yield from _read_parquet(source, text_field, stats, skip_bad)
+        return
+    bad, counting = [], _Utf8(stats)
+    with _open(source) as raw:
+        for n, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", errors=counting.name, newline="\n"), 1):
+            stats.bytes += len(line)
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line).get(text_field)
+            except (json.JSONDecodeError, AttributeError):
+                text = None
+            if not isinstance(text, str):
+                bad.append(n)
+                continue
+            yield f"{source.name}:{n}", text, True
+    if bad:
+        where = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        if not skip_bad:
+            raise ValueError(f"{source.path}: line {where}: not JSON with a string field {text_field!r} "
+                             f"(--skip-bad skips such lines, --field names another field)")
+        stats.skipped.append(f"{source.path}: {len(bad)} lines without a string field {text_field!r} (line {where})")
+
+
+def _read_parquet(source: Source, text_field: str, stats: ReadStats, skip_bad: bool):
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = source.path
+        if source.path.endswith(COMPRESSED_SUFFIXES):  # parquet needs random access: decompress first
+            path = os.path.join(tmp, "data.parquet")
+            with _open(source) as src, open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        try:
+            table = pq.ParquetFile(path)
+        except pyarrow.ArrowException as e:
+            raise ValueError(f"{source.path}: not a parquet file ({e})") from None
+        if text_field not in table.schema_arrow.names:
+            raise ValueError(f"{source.path}: no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)};"
+                             f" --field names the text column)")
+        row, missing = 0, 0
+        for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if not isinstance(text, str):
+                    missing += 1
+                    continue
+                stats.bytes += len(text.encode("utf-8"))
+                yield f"{source.name}:{row}", text, True
+        if missing and not skip_bad:
+            raise ValueError(f"{source.path}: {missing} rows have no text in column {text_field!r} (--skip-bad skips them)")
+        if missing:
+            stats.skipped.append(f"{source.path}: {missing} rows without text")
+
+
+def read_documents(sources: list[Source], text_field: str = "text", skip_bad: bool = False,
+                   stats: ReadStats | None = None) -> Iterator[tuple[str, str, bool]]:
+    """Yield (document name, text, starts a document) pieces, streaming: a large file comes
+    in pieces of about PIECE_BYTES, cut where tokenization cannot change."""
+    stats = stats if stats is not None else ReadStats()
+    for source in sources:
+        reader = _read_text(source, stats, skip_bad) if source.kind == "text" else \
+            _read_records(source, text_field, stats, skip_bad)
+        for name, text, start in reader:
+            stats.documents += start
+            yield name, text, start
+
+
+def texts(corpus: list[str], text_field: str = "text", skip_bad: bool = False) -> Iterator[str]:
+    """Just the text of a corpus, for tokenizer training."""
+    stats = ReadStats()
+    for _, text, _ in read_documents(expand(corpus), text_field, skip_bad, stats):
+        yield text
+    stats.report()
+
+
+# ---------------------------------------------------------------------------
+# Train / validation split
+# ---------------------------------------------------------------------------
+
+def _unit_hash(name: str) -> float:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+
+
+def validation_files(sources: list[Source], fraction: float) -> set[str]:
+    """Whole text files for validation: in the order of their names' hashes, until they hold
+    `fraction` of the bytes, at least one when there are two or more (so a small corpus of
+    plays still gets a held-out play). Records (jsonl lines, parquet rows) are split one by one
+    in `is_validation`."""
+    files = [s for s in sources if s.kind == "text" and s.path != "-"]
+    if fraction <= 0 or len(files) < 2:
+        return set()
+    total, chosen, held = sum(s.size for s in files), set(), 0
+    for s in sorted(files, key=lambda s: _unit_hash(s.name)):
+        if held >= fraction * total or len(chosen) == len(files) - 1:
+            break
+        chosen.add(s.name)
+        held += s.size
+    return chosen
+
+
+def is_validation(name: str, fraction: float, val_files: set[str], text_files: set[str]) -> bool:
+    if name in text_files:
+        return name in val_files
+    return _unit_hash(name) < fraction  # a record: "file:line" or "file:row"
+
+
+# ---------------------------------------------------------------------------
+# Token shards
+# ---------------------------------------------------------------------------
+
+class _ShardWriter:
+    """Appends tokens to one split's shards; each shard is written to a temporary name and
+    renamed when complete, so a shard with its final name is always whole."""
+
+    def __init__(self, folder: Path, split: str, dtype):
+        self.folder, self.split, self.dtype = folder, split, dtype
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.shards: list[dict] = []
+        self.tokens = self.documents = self.bytes = 0
+
+    def add(self, ids: np.ndarray, text_bytes: int, starts: bool):
+        self.buffer.append(ids)
+        self.buffered += len(ids)
+        self.tokens += len(ids)
+        self.bytes += text_bytes
+        self.documents += starts
+        if self.buffered >= SHARD_TOKENS:
+            self.flush()
+
+    def flush(self):
+        if not self.buffered:
+            return
+        tokens = np.concatenate(self.buffer).astype(self.dtype)
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        tmp = self.folder / (name + ".tmp")
+        tokens.tofile(tmp)
+        os.replace(tmp, self.folder / name)
+        self.shards.append({"file": name, "tokens": int(len(tokens))})
+        self.buffer, self.buffered = [], 0
+
+    def summary(self) -> dict:
+        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes}
+
+
+def _our_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name == MANIFEST or p.name.endswith(".tmp")
+            or (p.name.startswith(("train_", "val_")) and p.name.endswith(".bin"))]
+
+
+def _check_output(folder: Path, settings: dict, force: bool) -> bool:
+    """Decide what to do with an existing output folder; True when it is already done."""
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        return False
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: exists and is not a folder")
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        if not force and old.get("tokenizer") != settings["tokenizer"]:
+            raise ValueError(f"{folder}: holds shards of another tokenizer ({old.get('tokenizer')}; this one is "
+                             f"{settings['tokenizer']}): choose another output folder, or --force to replace them")
+        if not force and all(old.get(k) == v for k, v in settings.items()):
+            return True
+        if not force:
+            raise ValueError(f"{folder}: holds shards of another corpus or split; choose another output folder, "
+                             f"or --force to replace them")
+    elif _our_files(folder):
+        print(f"{folder}: removing the partial shards of an interrupted prepare", file=sys.stderr)
+    for p in _our_files(folder):
+        p.unlink()
+    return False
+
+
+def prepare(corpus: list[str], tokenizer_path: str, out: str, val_fraction: float = 0.01,
+            text_field: str = "text", skip_bad: bool = False, force: bool = False, progress: bool = True) -> dict:
+    """Tokenize a corpus into train/val shards in `out`; return the manifest."""
+    from twofile import tokenizer as tokenizers_
+
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction {val_fraction} is out of range (0 <= f < 1)")
+    tok = tokenizers_.load(tokenizer_path)
+    sources = expand(corpus)
+    folder = Path(out)
+    settings = {"format": FORMAT, "tokenizer": tokenizers_.fingerprint(tok), "val_fraction": val_fraction,
+                "sources": [s.name for s in sources], "text_field": text_field}
+    if _check_output(folder, settings, force):
+        manifest = load_manifest(folder)
+        print(f"{folder}: already prepared with this tokenizer and corpus "
+              f"({manifest['splits']['train']['tokens']:,} train tokens); nothing to do", file=sys.stderr)
+        return manifest
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    bos = tok.token_to_id(tokenizers_.BOS)
+    val_files = validation_files(sources, val_fraction)
+    text_files = {s.name for s in sources if s.kind == "text"}
+    writers = {split: _ShardWriter(folder, split, dtype) for split in ("train", "val")}
+    stats = ReadStats()
+    bar = _progress(sum(s.size for s in sources), progress)
+    t0 = time.perf_counter()
+    batch: list[tuple[str, str, bool]] = []
+
+    def tokenize_batch():
+        # `tokenizers` encodes a batch on all cores (its Rust thread pool)
+        encoded = tok.encode_batch_fast([text for _, text, _ in batch], add_special_tokens=False)
+        for (name, text, start), enc in zip(batch, encoded):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            if start:
+                ids = np.concatenate([[bos], ids])
+            split = "val" if is_validation(name, val_fraction, val_files, text_files) else "train"
+            writers[split].add(ids, len(text.encode("utf-8")), start)
+        tokens = writers["train"].tokens + writers["val"].tokens
+        bar.update(stats.bytes - bar.n)
+        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9) / 1e3:.0f}k tok/s", refresh=False)
+        batch.clear()
+
+    for piece in read_documents(sources, text_field, skip_bad, stats):
+        batch.append(piece)
+        if sum(len(t) for _, t, _ in batch) >= 64 * PIECE_BYTES or len(batch) >= 4096:
+            tokenize_batch()
+    if batch:
+        tokenize_batch()
+    bar.close()
+    stats.report()
+    if writers["train"].tokens == 0:
+        raise ValueError("the corpus is empty: no text to prepare" if stats.documents == 0 else
+                         "every document went to validation: lower --val-fraction")
+    for w in writers.values():
+        w.flush()
+    manifest = {**settings, "tokenizer_path": str(Path(tokenizer_path).resolve()), "vocab_size": vocab_size,
+                "dtype": np.dtype(dtype).name, "bos_id": bos, "replaced_utf8": stats.replaced,
+                "splits": {split: w.summary() for split, w in writers.items()}}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)  # last: the folder is complete only once this exists
+    elapsed = time.perf_counter() - t0
+    print(f"{folder}: {manifest['splits']['train']['tokens']:,} train and {manifest['splits']['val']['tokens']:,} "
+          f"val tokens from {stats.documents} documents, {stats.bytes / 1e6:.1f} MB in {elapsed:.1f} s "
+          f"({stats.bytes / 1e6 / elapsed:.1f} MB/s)", file=sys.stderr)
+    return manifest
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total or None, unit="B", unit_scale=True, desc="tokenizing", disable=not enabled,
+                file=sys.stderr, smoothing=0.1)
+
+
+# ---------------------------------------------------------------------------
+# Loading shards for training
+# ---------------------------------------------------------------------------
+
+def load_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise FileNotFoundError(2, "No such file or directory", str(folder))
+    if not path.exists():
+        raise ValueError(f"{folder}: no {MANIFEST} (not prepared, or prepare was interrupted: run twofile data prepare)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    return manifest
+
+
+def open_split(folder: str | Path, split: str) -> list[np.ndarray]:
+    """The split's shards as read-only memory maps."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    shards = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = folder / shard["file"]
+        expected = shard["tokens"] * np.dtype(manifest["dtype"]).itemsize
+        if not path.exists() or path.stat().st_size != expected:
+            raise ValueError(f"{path}: missing or not {expected} bytes as the manifest says")
+        shards.append(np.memmap(path, dtype=manifest["dtype"], mode="r"))
+    return shards
+
+
+def train_batch(shards: list[np.ndarray], batch_size: int, seq_len: int, seed: int, step: int,
+                rank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random windows of seq_len + 1 tokens -> inputs and targets, int64 (batch_size, seq_len).
+    The batch depends only on (seed, step, rank): each rank sees different data, and a
+    resumed run gets exactly the batches it would have had."""
+    rng = np.random.default_rng([seed, step, rank])
+    windows = np.array([max(len(s) - seq_len, 0) for s in shards], dtype=np.float64)
+    if windows.sum() == 0:
+        raise ValueError(f"the training split has no window of {seq_len + 1} tokens: shorten the context or add data")
+    which = rng.choice(len(shards), size=batch_size, p=windows / windows.sum())
+    chunks = np.stack([shards[i][o:o + seq_len + 1] for i, o in
+                       zip(which, (rng.random(batch_size) * windows[which]).astype(np.int64))]).astype(np.int64)
+    return chunks[:, :-1], chunks[:, 1:]
+
+
+def val_batches(shards: list[np.ndarray], batch_size: int, seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One sequential pass over the validation tokens in windows of seq_len: every token after
+    the first of each shard is a target exactly once (the last window may be shorter)."""
+    rows_x, rows_y = [], []
+    for shard in shards:
+        for start in range(0, len(shard) - 1, seq_len):
+            window = np.asarray(shard[start:start + seq_len + 1], dtype=np.int64)
+            if len(window) < seq_len + 1:  # the short tail goes alone
+                yield window[None, :-1], window[None, 1:]
+                continue
+            rows_x.append(window[:-1])
+            rows_y.append(window[1:])
+            if len(rows_x) == batch_size:
+                yield np.stack(rows_x), np.stack(rows_y)
+                rows_x, rows_y = [], []
+    if rows_x:
+        yield np.stack(rows_x), np.stack(rows_y)
+
+
+def fetch_default() -> Path:
+    from twofile import assets
+
+    return assets.fetch(assets.DEFAULT_CORPUS)
