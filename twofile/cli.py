@@ -6,11 +6,17 @@
     twofile data fetch-default                   # the default corpus into the cache
     twofile tokenizer train [CORPUS...] --vocab-size 8192 -o tok.json
     twofile data prepare [CORPUS...] --tokenizer tok.json -o data/ [--val-fraction 0.01]
+    twofile train                                # the main job: default corpus to out/model.gguf
+    twofile train --data data/ --depth 8 --time 30m --out runs/d8
+    twofile train --resume runs/d8
+    twofile export runs/d8 -o d8.q8_0.gguf --type q8_0
+    twofile eval d8.q8_0.gguf --text held_out.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from twofile import assets, run
@@ -46,6 +52,76 @@ def data_prepare(args) -> None:
     data.prepare(_corpus(args), args.tokenizer, args.output, args.val_fraction, args.field, args.skip_bad, args.force)
 
 
+def _duration(text: str) -> float:
+    """'300', '300s', '5m', '1.5h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 300, 300s, 5m or 1h") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return value
+
+
+# command-line flag -> TrainConfig field
+TRAIN_FLAGS = {"depth": int, "context": int, "batch_tokens": int, "micro_batch": int, "optimizer": str, "lr": float,
+               "schedule": str, "warmup_steps": int, "weight_decay": float, "grad_clip": float, "steps": int,
+               "time": _duration, "eval_every": int, "checkpoint_every": int, "keep_checkpoints": int, "seed": int}
+
+
+def train_command(args) -> None:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from twofile import train
+
+    given = {("max_steps" if k == "steps" else "time_budget" if k == "time" else k): getattr(args, k)
+             for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    for flag in ("compile", "fsdp", "untied"):
+        if getattr(args, flag):
+            given["tie_embeddings" if flag == "untied" else flag] = flag != "untied"
+    if args.resume:
+        out = Path(args.resume)
+        found = train.checkpoints(out) if out.is_dir() else []
+        if not found:
+            raise ValueError(f"{out}: no checkpoint to resume from")
+        stored = json.loads((found[-1] / "state.json").read_text())["train_config"]
+        for key, value in given.items():
+            if key != "compile" and stored.get(key) != value:
+                raise ValueError(f"{out} was trained with {key} = {stored.get(key)!r}, not {value!r}: "
+                                 f"a resumed run keeps its configuration")
+        cfg = train.TrainConfig(**{**stored, "data": args.data or stored["data"], "out": str(out),
+                                   "compile": args.compile})
+    else:
+        data_dir = args.data or train.default_data(args.vocab_size)
+        if "time_budget" in given and "max_steps" not in given:
+            given["max_steps"] = 0
+        cfg = train.TrainConfig(data=data_dir, out=args.out, **given)
+    result = train.train(cfg, resume=bool(args.resume))
+    if int(os.environ.get("RANK", 0)) == 0:
+        train.finish(Path(cfg.out), result)
+
+
+def export_command(args) -> None:
+    from twofile import export
+
+    path = export.export(args.run, args.output, args.type)
+    print(f"{path}: {os.path.getsize(path) / 1e6:.1f} MB ({args.type})", file=sys.stderr)
+
+
+def eval_command(args) -> None:
+    from twofile import export
+
+    model = run.load(args.model)
+    with open(args.text, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    r = export.evaluate_text(model, text)
+    print(f"{args.text}: {r['tokens']:,} tokens, {r['bytes']:,} bytes | loss {r['loss']:.4f} | "
+          f"perplexity {r['perplexity']:.2f} | bits per byte {r['bits_per_byte']:.4f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="twofile", description="The whole life of a language model.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +150,29 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("-o", "--output", default="tok.json", help="where to write tokenizer.json")
     p.set_defaults(action=tokenizer_train)
+
+    p = commands.add_parser("train", help="pretrain a Llama model by next-token prediction")
+    p.add_argument("--data", help="a folder from `twofile data prepare` (default: the default corpus, prepared)")
+    p.add_argument("--out", default="out", help="run folder: checkpoints, metrics.jsonl, loss.png, model.gguf")
+    p.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size for the default corpus")
+    for flag, kind in TRAIN_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
+    p.add_argument("--untied", action="store_true", help="a separate output matrix instead of tied embeddings")
+    p.set_defaults(action=train_command)
+
+    p = commands.add_parser("export", help="write a training run as one GGUF file")
+    p.add_argument("run", help="a run folder from `twofile train`")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k"])
+    p.set_defaults(action=export_command)
+
+    p = commands.add_parser("eval", help="loss, perplexity and bits per byte of a GGUF model on a text")
+    p.add_argument("model")
+    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.set_defaults(action=eval_command)
 
     args = parser.parse_args(argv)
     return run.guarded(args.action, args)

@@ -1,0 +1,489 @@
+"""Pretraining: compress token shards into parameters by next-token prediction.
+
+    twofile train                                    # the whole pipeline on the default corpus
+    twofile train --data data/ --depth 8 --time 30m --out runs/d8
+    twofile train --resume runs/d8                   # continues exactly where it stopped
+    torchrun --nproc_per_node 4 -m twofile train --data data/ ...
+
+One process or many (torchrun: DDP, gloo on CPU and NCCL on GPU, or FSDP2 with --fsdp).
+Each optimizer step sees `batch_tokens` tokens, split into micro-batches across ranks and
+accumulation steps; the data of micro-batch i of step s is a pure function of (seed, s, i),
+so any number of ranks sees the same global batch, and a resumed run the same data.
+Checkpoints (safetensors + JSON) are written to a temporary folder and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from twofile import data
+from twofile.model import Llama, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    data: str                       # a folder from `twofile data prepare`
+    out: str = "out"
+    depth: int = 6                  # the model's one size knob (see ModelConfig.from_depth)
+    context: int = 256
+    tie_embeddings: bool = True
+    batch_tokens: int = 8192        # tokens per optimizer step, all ranks together
+    micro_batch: int = 32           # sequences per forward/backward on one rank
+    optimizer: str = "adamw"        # or "muon" (hidden matrices; AdamW for embeddings and norms)
+    lr: float = 3e-3
+    schedule: str = "wsd"           # warmup-stable-decay, or "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.4     # wsd: the last part of training decays linearly to zero
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_steps: int = 0              # 0: derived from the time budget
+    time_budget: float = 300.0      # seconds of training (used when max_steps is 0)
+    eval_every: int = 100
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    seed: int = 0
+    compile: bool = False
+    fsdp: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Setup: processes, devices, precision
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # bf16 on CUDA; None: float32
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime() -> Runtime:
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    if cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    return Runtime(rank, world, device, torch.bfloat16 if cuda else None)
+
+
+def peak_flops(device: torch.device) -> float:
+    """The FLOP/s MFU is measured against: known dense bf16 peaks for common GPUs, else a
+    large matrix multiply timed here (float32 on CPU)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
+            if key in name:
+                return peak
+    n = 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------
+# Optimizers and learning-rate schedule
+# ---------------------------------------------------------------------------
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith(("token_embd", "output."))]
+    others = [p for n, p in model.named_parameters() if not (p.ndim == 2 and not n.startswith(("token_embd", "output.")))]
+    if cfg.optimizer == "adamw":
+        decay = [p for p in model.parameters() if p.ndim == 2]
+        rest = [p for p in model.parameters() if p.ndim < 2]
+        return [torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)]
+    if cfg.optimizer == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"--optimizer muon needs torch.optim.Muon (PyTorch 2.9 or newer; this is {torch.__version__})")
+        # Muon orthogonalizes the updates of hidden matrices; embeddings and norms keep AdamW
+        # (as modded-nanogpt and nanochat do). "match_rms_adamw" lets both share one lr.
+        return [torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
+                torch.optim.AdamW(others, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)]
+    raise ValueError(f"--optimizer {cfg.optimizer!r} is not one of adamw, muon")
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = int(total * (1 - cfg.decay_fraction))
+    if step < decay_start:
+        return cfg.lr
+    return cfg.lr * max(0.0, (total - step) / max(1, total - decay_start))
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: weights and optimizer state in safetensors, the rest in JSON
+# ---------------------------------------------------------------------------
+
+def _flatten_optimizer(optimizers) -> tuple[dict[str, torch.Tensor], list]:
+    tensors, groups = {}, []
+    for k, opt in enumerate(optimizers):
+        sd = opt.state_dict()
+        for pid, state in sd["state"].items():
+            for name, value in state.items():
+                tensors[f"{k}.{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        groups.append(sd["param_groups"])
+    return tensors, groups
+
+
+def _unflatten_optimizer(optimizers, tensors: dict[str, torch.Tensor], groups: list):
+    for k, opt in enumerate(optimizers):
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            o, pid, name = key.split(".", 2)
+            if int(o) == k:
+                state.setdefault(int(pid), {})[name] = value
+        opt.load_state_dict({"state": state, "param_groups": groups[k]})
+
+
+def checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder counts once its rename is done)."""
+    return sorted(p for p in Path(out).glob("ckpt_*") if p.is_dir() and (p / "state.json").exists())
+
+
+def save_checkpoint(out: Path, model, optimizers, state: dict, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    final = out / f"ckpt_{state['step']:07d}"
+    tmp = out / f".tmp_{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        tensors, groups = _flatten_optimizer(optimizers)
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: a checkpoint folder with its final name is whole
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves nothing half-written
+        raise
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    return state, load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors"))
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, shards, context: int, val_bytes: int, rt: Runtime, batch: int = 16) -> dict:
+    """Loss per token and bits per byte (total nats / total UTF-8 bytes / ln 2, comparable
+    across tokenizers) over the whole validation split, in windows of the context."""
+    model.eval()
+    nats, count = 0.0, 0
+    for i, (x, y) in enumerate(data.val_batches(shards, batch, context)):
+        if i % rt.world != rt.rank:
+            continue
+        x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
+        with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
+            _, loss = model(x, y, reduction="sum")
+        nats += loss.item()
+        count += y.numel()
+    if rt.world > 1:
+        totals = torch.tensor([nats, count], dtype=torch.float64, device=rt.device)
+        dist.all_reduce(totals)
+        nats, count = totals.tolist()
+    model.train()
+    return {"val_loss": nats / max(count, 1), "val_bpb": nats / max(val_bytes, 1) / math.log(2)}
+
+
+# ---------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------
+
+def _check_resume(cfg: TrainConfig, out: Path, resume: bool) -> dict | None:
+    found = checkpoints(out) if out.exists() else []
+    if not resume:
+        if found:
+            raise ValueError(f"{out}: holds checkpoints ({found[-1].name}): --resume {out} to continue, "
+                             f"or choose another --out")
+        return None
+    if not found:
+        raise ValueError(f"{out}: no checkpoint to resume from")
+    return json.loads((found[-1] / "state.json").read_text())
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a model; return the final metrics. Rank 0 alone writes files."""
+    rt = setup_runtime()
+    out = Path(cfg.out)
+    manifest = data.load_manifest(cfg.data)
+    shards = data.open_split(cfg.data, "train")
+    val_shards = data.open_split(cfg.data, "val")
+    if not val_shards:
+        raise ValueError(f"{cfg.data}: the validation split is empty (prepare with --val-fraction > 0)")
+    saved = _check_resume(cfg, out, resume)
+    if saved is not None and saved["tokenizer"] != manifest["tokenizer"]:
+        raise ValueError(f"{cfg.data}: shards of tokenizer {manifest['tokenizer']}, but {out} was trained with "
+                         f"tokenizer {saved['tokenizer']}")
+    per_micro = cfg.micro_batch * cfg.context * rt.world
+    if cfg.batch_tokens % per_micro:
+        raise ValueError(f"--batch-tokens {cfg.batch_tokens} is not a multiple of micro_batch x context x ranks "
+                         f"= {per_micro}")
+    accum = cfg.batch_tokens // per_micro
+    torch.manual_seed(cfg.seed)
+    mcfg = ModelConfig.from_depth(cfg.depth, manifest["vocab_size"], cfg.context, tie_embeddings=cfg.tie_embeddings)
+    model = Llama(mcfg).to(rt.device)
+    optimizers = make_optimizer(model, cfg)
+    step, total = 0, cfg.max_steps
+    if saved is not None:
+        path = checkpoints(out)[-1]
+        state, weights, opt_tensors = load_checkpoint(path)
+        model.load_state_dict(weights)
+        torch.set_rng_state(opt_tensors.pop("rng.torch"))
+        _unflatten_optimizer(optimizers, opt_tensors, state["optimizer_groups"])
+        step, total = state["step"], state["total_steps"]
+    flops_per_step = model.flops_per_token() * cfg.batch_tokens
+    train_model = model
+    if rt.world > 1:
+        if cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            train_model = fully_shard(model)
+        else:
+            train_model = torch.nn.parallel.DistributedDataParallel(model)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    peak = peak_flops(rt.device)
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+        tok_copy = out / "tokenizer.json"
+        if not tok_copy.exists():
+            shutil.copy(manifest["tokenizer_path"], tok_copy)  # export needs it, wherever data/ goes
+        _trim_log(out / "metrics.jsonl", step)
+        print(f"model: depth {mcfg.n_layer}, width {mcfg.n_embd}, heads {mcfg.n_head}/{mcfg.n_head_kv}, "
+              f"FFN {mcfg.n_ff}, context {mcfg.context}, vocab {mcfg.vocab_size}: {model.num_params() / 1e6:.2f}M "
+              f"parameters; {rt.world} process(es), {accum} micro-batch(es) of {cfg.micro_batch} per step, "
+              f"{cfg.optimizer}, {rt.device.type}", file=sys.stderr)
+
+    def train_step(s: int) -> float:
+        lr = lr_at(s, cfg, total)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        loss_sum = torch.zeros((), device=rt.device)
+        for micro in range(accum):
+            index = rt.rank * accum + micro  # this micro-batch's place in the global batch
+            x, y = data.train_batch(shards, cfg.micro_batch, cfg.context, cfg.seed, s, index)
+            x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
+            sync = micro == accum - 1 or rt.world == 1 or cfg.fsdp
+            ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else _null()
+            with ctx, torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
+                _, loss = train_model(x, y)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        loss_mean = loss_sum / accum
+        if rt.world > 1:
+            dist.all_reduce(loss_mean)
+            loss_mean /= rt.world
+        return loss_mean.item()
+
+    def state_dict(s: int) -> dict:
+        return {"step": s, "total_steps": total, "tokens": s * cfg.batch_tokens, "tokenizer": manifest["tokenizer"],
+                "train_config": asdict(cfg), "model_config": mcfg.to_dict()}
+
+    def checkpoint(s: int):
+        if rt.main:
+            save_checkpoint(out, model, optimizers, state_dict(s), cfg.keep_checkpoints)
+        if rt.world > 1:
+            dist.barrier()
+
+    t_start = time.perf_counter()
+    metrics: dict = {}
+    last_eval = None
+    if total == 0:  # a time budget: measure an eval and a few steps, then fix the step count
+        last_eval = evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt)
+        eval_time = time.perf_counter() - t_start
+        probe, t0 = 0, time.perf_counter()
+        total = 10**9
+        while probe < 5:
+            _check_finite(train_step(step), step, out)
+            step, probe = step + 1, probe + 1
+        step_time = (time.perf_counter() - t0) / probe
+        if rt.world > 1:
+            t = torch.tensor([step_time], device=rt.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            step_time = t.item()
+        total = max(step + 1, int((cfg.time_budget - eval_time) / (step_time + eval_time / cfg.eval_every)))
+        # the probe steps ran at the warmup's start; the schedule below covers them exactly
+        if rt.main:
+            _log(out, {"step": 0, "tokens": 0, **last_eval})
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not (progress and rt.main), unit="step", file=sys.stderr,
+               dynamic_ncols=True)
+    t_last, tokens_last = time.perf_counter(), step * cfg.batch_tokens
+    try:
+        while step < total:
+            loss = train_step(step)
+            _check_finite(loss, step, out)
+            step += 1
+            now = time.perf_counter()
+            tok_s = (step * cfg.batch_tokens - tokens_last) / max(now - t_last, 1e-9)
+            mfu = flops_per_step / cfg.batch_tokens * tok_s / (peak * rt.world)
+            metrics = {"step": step, "tokens": step * cfg.batch_tokens, "loss": loss, "lr": lr_at(step - 1, cfg, total),
+                       "tok_s": tok_s, "mfu": mfu, "time": now - t_start}
+            if step % cfg.eval_every == 0 or step == total:
+                last_eval = evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt)
+                metrics.update(last_eval)
+            if rt.main:
+                _log(out, metrics)
+                bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%}"
+                                    + (f" | val bpb {last_eval['val_bpb']:.3f}" if last_eval else ""), refresh=False)
+                bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == total:
+                checkpoint(step)
+            t_last, tokens_last = time.perf_counter(), step * cfg.batch_tokens  # evals and saves are not training speed
+    except KeyboardInterrupt:  # Ctrl-C: keep what the completed steps learned, then stop
+        bar.close()
+        if step > 0 and (not checkpoints(out) or checkpoints(out)[-1].name != f"ckpt_{step:07d}"):
+            checkpoint(step)
+        if rt.main:
+            print(f"\ninterrupted at step {step}: checkpoint saved in {out}; --resume {out} continues", file=sys.stderr)
+        raise
+    bar.close()
+    if rt.main:
+        plot_losses(out)
+    if rt.world > 1:
+        dist.destroy_process_group()
+    return {**metrics, **(last_eval or {})}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _check_finite(loss: float, step: int, out: Path):
+    if not math.isfinite(loss):
+        last = checkpoints(out)
+        raise ValueError(f"loss is {loss} at step {step}: training diverged (lower --lr?); "
+                                 f"the last good checkpoint is {last[-1] if last else 'none'}")
+
+
+def _log(out: Path, record: dict):
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_log(path: Path, step: int):
+    """On resume, drop the log lines of steps after the checkpoint (they will be redone)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+def plot_losses(out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l]
+    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", alpha=0.6)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "loss.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def config_fields() -> list:
+    return fields(TrainConfig)
+
+
+# ---------------------------------------------------------------------------
+# The main job: every step from the default corpus to a sample from the exported file
+# ---------------------------------------------------------------------------
+
+def default_data(vocab_size: int) -> str:
+    """Fetch the default corpus, train (or reuse) its tokenizer, prepare (or reuse) its shards."""
+    from twofile import assets
+    from twofile import tokenizer as tokenizers_
+
+    corpus = str(assets.fetch(assets.DEFAULT_CORPUS))
+    tok_path = assets.cache_dir() / f"tokenizer-shakespeare-{vocab_size}.json"
+    if not tok_path.exists():
+        print(f"training a {vocab_size}-token BPE tokenizer on {corpus}", file=sys.stderr)
+        tokenizers_.save(tokenizers_.train(data.texts([corpus]), vocab_size, show_progress=False), tok_path)
+    folder = assets.cache_dir() / f"data-shakespeare-{tokenizers_.fingerprint(tokenizers_.load(tok_path))}"
+    data.prepare([corpus], str(tok_path), str(folder))
+    return str(folder)
+
+
+def finish(out: Path, result: dict) -> None:
+    """After training: export the parameters file and show what it learned, through run.py."""
+    from twofile import export, run
+
+    gguf_path = export.export(out, out / "model.gguf", "f32")
+    model = run.load(gguf_path)
+    ids = model.tokenize("ROMEO:\n")
+    sample = model.detokenize(ids[1:] + list(model.generate(ids, 120, temperature=0.8, seed=0)))
+    print(f"\nvalidation: loss {result.get('val_loss', float('nan')):.4f}, "
+          f"bits per byte {result.get('val_bpb', float('nan')):.4f} after {result.get('tokens', 0):,} tokens", file=sys.stderr)
+    print(f"parameters file: {gguf_path}\nloss curve: {out / 'loss.png'}\nsample (run.py, {gguf_path.name}):\n", file=sys.stderr)
+    print(sample)
