@@ -35,12 +35,12 @@ from twofile.model import Llama, ModelConfig
 class TrainConfig:
     data: str                       # a folder from `twofile data prepare`
     out: str = "out"
-    depth: int = 6                  # the model's one size knob (see ModelConfig.from_depth)
-    context: int = 256
+    depth: int = 4                  # the model's one size knob (see ModelConfig.from_depth)
+    context: int = 128
     tie_embeddings: bool = True
-    batch_tokens: int = 8192        # tokens per optimizer step, all ranks together
+    batch_tokens: int = 4096        # tokens per optimizer step, all ranks together
     micro_batch: int = 32           # sequences per forward/backward on one rank
-    optimizer: str = "adamw"        # or "muon" (hidden matrices; AdamW for embeddings and norms)
+    optimizer: str = "muon"         # Muon for hidden matrices (AdamW for embeddings, norms), or "adamw"
     lr: float = 3e-3
     schedule: str = "wsd"           # warmup-stable-decay, or "cosine"
     warmup_steps: int = 20
@@ -147,23 +147,36 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 # Checkpoints: weights and optimizer state in safetensors, the rest in JSON
 # ---------------------------------------------------------------------------
 
+def _full(value) -> torch.Tensor:
+    """A plain tensor: FSDP2's sharded DTensors are gathered (a collective: every rank calls)."""
+    if not torch.is_tensor(value):
+        return torch.tensor(value)
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 def _flatten_optimizer(optimizers) -> tuple[dict[str, torch.Tensor], list]:
     tensors, groups = {}, []
     for k, opt in enumerate(optimizers):
         sd = opt.state_dict()
         for pid, state in sd["state"].items():
             for name, value in state.items():
-                tensors[f"{k}.{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"{k}.{pid}.{name}"] = _full(value)
         groups.append(sd["param_groups"])
     return tensors, groups
 
 
 def _unflatten_optimizer(optimizers, tensors: dict[str, torch.Tensor], groups: list):
     for k, opt in enumerate(optimizers):
+        params = [p for group in opt.param_groups for p in group["params"]]
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             o, pid, name = key.split(".", 2)
             if int(o) == k:
+                p = params[int(pid)]
+                if hasattr(p, "device_mesh") and value.shape == p.shape:  # FSDP2: shard like the parameter
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
                 state.setdefault(int(pid), {})[name] = value
         opt.load_state_dict({"state": state, "param_groups": groups[k]})
 
@@ -173,7 +186,14 @@ def checkpoints(out: str | Path) -> list[Path]:
     return sorted(p for p in Path(out).glob("ckpt_*") if p.is_dir() and (p / "state.json").exists())
 
 
-def save_checkpoint(out: Path, model, optimizers, state: dict, keep: int) -> Path:
+def gather_state(model, optimizers) -> tuple[dict, dict, list]:
+    """Full weights and optimizer state on every rank (collective under FSDP2)."""
+    weights = {k: _full(v).detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors, groups = _flatten_optimizer(optimizers)
+    return weights, tensors, groups
+
+
+def save_checkpoint(out: Path, weights: dict, tensors: dict, groups: list, state: dict, keep: int) -> Path:
     from safetensors.torch import save_file
 
     final = out / f"ckpt_{state['step']:07d}"
@@ -181,10 +201,8 @@ def save_checkpoint(out: Path, model, optimizers, state: dict, keep: int) -> Pat
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
-        tensors, groups = _flatten_optimizer(optimizers)
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors = {**tensors, "rng.torch": torch.get_rng_state()}
         save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=1))
         if final.exists():
@@ -210,20 +228,20 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
 # ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, shards, context: int, val_bytes: int, rt: Runtime, batch: int = 16) -> dict:
+def evaluate(model, shards, context: int, val_bytes: int, rt: Runtime, batch: int = 16, split: bool = True) -> dict:
     """Loss per token and bits per byte (total nats / total UTF-8 bytes / ln 2, comparable
     across tokenizers) over the whole validation split, in windows of the context."""
     model.eval()
     nats, count = 0.0, 0
     for i, (x, y) in enumerate(data.val_batches(shards, batch, context)):
-        if i % rt.world != rt.rank:
+        if split and i % rt.world != rt.rank:  # ranks share the batches (FSDP2: all run all)
             continue
         x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
         with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
             _, loss = model(x, y, reduction="sum")
         nats += loss.item()
         count += y.numel()
-    if rt.world > 1:
+    if rt.world > 1 and split:
         totals = torch.tensor([nats, count], dtype=torch.float64, device=rt.device)
         dist.all_reduce(totals)
         nats, count = totals.tolist()
@@ -268,14 +286,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     torch.manual_seed(cfg.seed)
     mcfg = ModelConfig.from_depth(cfg.depth, manifest["vocab_size"], cfg.context, tie_embeddings=cfg.tie_embeddings)
     model = Llama(mcfg).to(rt.device)
-    optimizers = make_optimizer(model, cfg)
     step, total = 0, cfg.max_steps
     if saved is not None:
-        path = checkpoints(out)[-1]
-        state, weights, opt_tensors = load_checkpoint(path)
-        model.load_state_dict(weights)
+        state, weights, opt_tensors = load_checkpoint(checkpoints(out)[-1])
+        model.load_state_dict(weights)  # before sharding: FSDP2 shards what is loaded
         torch.set_rng_state(opt_tensors.pop("rng.torch"))
-        _unflatten_optimizer(optimizers, opt_tensors, state["optimizer_groups"])
         step, total = state["step"], state["total_steps"]
     flops_per_step = model.flops_per_token() * cfg.batch_tokens
     train_model = model
@@ -288,6 +303,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             train_model = fully_shard(model)
         else:
             train_model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizers = make_optimizer(model, cfg)  # after sharding: FSDP2 replaces the parameters
+    if saved is not None:
+        _unflatten_optimizer(optimizers, opt_tensors, state["optimizer_groups"])
     if cfg.compile:
         train_model = torch.compile(train_model)
     peak = peak_flops(rt.device)
@@ -334,8 +352,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 "train_config": asdict(cfg), "model_config": mcfg.to_dict()}
 
     def checkpoint(s: int):
+        gathered = gather_state(model, optimizers)
         if rt.main:
-            save_checkpoint(out, model, optimizers, state_dict(s), cfg.keep_checkpoints)
+            save_checkpoint(out, *gathered, state_dict(s), cfg.keep_checkpoints)
         if rt.world > 1:
             dist.barrier()
 
@@ -343,7 +362,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     metrics: dict = {}
     last_eval = None
     if total == 0:  # a time budget: measure an eval and a few steps, then fix the step count
-        last_eval = evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt)
+        last_eval = evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt, split=not cfg.fsdp)
         eval_time = time.perf_counter() - t_start
         probe, t0 = 0, time.perf_counter()
         total = 10**9
@@ -375,7 +394,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             metrics = {"step": step, "tokens": step * cfg.batch_tokens, "loss": loss, "lr": lr_at(step - 1, cfg, total),
                        "tok_s": tok_s, "mfu": mfu, "time": now - t_start}
             if step % cfg.eval_every == 0 or step == total:
-                last_eval = evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt)
+                last_eval = evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt, split=not cfg.fsdp)
                 metrics.update(last_eval)
             if rt.main:
                 _log(out, metrics)
