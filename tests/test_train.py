@@ -108,6 +108,16 @@ def test_training_learns_and_logs(trained_run):
     assert 0 < result["val_bpb"] < 20 and result["mfu"] > 0
 
 
+def test_time_budget_sets_the_step_count(tiny_data, tmp_path):
+    t = time.perf_counter()
+    result = train.train(tiny_config(tiny_data, tmp_path / "t", max_steps=0, time_budget=6.0, warmup_steps=10),
+                         progress=False)
+    elapsed = time.perf_counter() - t
+    state = json.loads((train.checkpoints(tmp_path / "t")[-1] / "state.json").read_text())
+    assert result["step"] == state["total_steps"] > 7
+    assert 3 < elapsed < 15, elapsed  # the budget is wall time, evaluation included
+
+
 def test_export_f32_matches_pytorch_and_transformers(trained_run, tmp_path):
     out, _ = trained_run
     path = export.export(out, tmp_path / "m.gguf", "f32")
@@ -260,6 +270,8 @@ def test_bad_input(tiny_data, tmp_path):
     train.train(cfg, progress=False)
     with pytest.raises(ValueError, match="holds checkpoints"):
         train.train(cfg, progress=False)
+    with pytest.raises(ValueError, match="was trained with depth = 2, not 3"):
+        train.train(tiny_config(tiny_data, tmp_path / "o", max_steps=5, depth=3), resume=True, progress=False)
     with pytest.raises(ValueError, match="diverged"):
         train.train(tiny_config(tiny_data, tmp_path / "nan", lr=1e12, grad_clip=0), progress=False)
     assert all(np.isfinite(v.numpy()).all() for v in final_weights(tmp_path / "nan").values()) \

@@ -72,7 +72,6 @@ TRAIN_FLAGS = {"depth": int, "context": int, "batch_tokens": int, "micro_batch":
 
 def train_command(args) -> None:
     import json
-    from dataclasses import asdict
     from pathlib import Path
 
     from twofile import train
@@ -82,17 +81,12 @@ def train_command(args) -> None:
     for flag in ("compile", "fsdp", "untied"):
         if getattr(args, flag):
             given["tie_embeddings" if flag == "untied" else flag] = flag != "untied"
-    if args.resume:
-        out = Path(args.resume)
-        found = train.checkpoints(out) if out.is_dir() else []
+    if args.resume:  # the run's own configuration; train() refuses flags that change it
+        found = train.checkpoints(args.resume)
         if not found:
-            raise ValueError(f"{out}: no checkpoint to resume from")
+            raise ValueError(f"{args.resume}: no checkpoint to resume from")
         stored = json.loads((found[-1] / "state.json").read_text())["train_config"]
-        for key, value in given.items():
-            if key != "compile" and stored.get(key) != value:
-                raise ValueError(f"{out} was trained with {key} = {stored.get(key)!r}, not {value!r}: "
-                                 f"a resumed run keeps its configuration")
-        cfg = train.TrainConfig(**{**stored, "data": args.data or stored["data"], "out": str(out),
+        cfg = train.TrainConfig(**{**stored, **given, "data": args.data or stored["data"], "out": args.resume,
                                    "compile": args.compile})
     else:
         data_dir = args.data or train.default_data(args.vocab_size)

@@ -253,16 +253,22 @@ def evaluate(model, shards, context: int, val_bytes: int, rt: Runtime, batch: in
 # The training loop
 # ---------------------------------------------------------------------------
 
-def _check_resume(cfg: TrainConfig, out: Path, resume: bool) -> dict | None:
-    found = checkpoints(out) if out.exists() else []
+def _resume_from(cfg: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run), after checking it fits cfg."""
+    found = checkpoints(cfg.out)
     if not resume:
         if found:
-            raise ValueError(f"{out}: holds checkpoints ({found[-1].name}): --resume {out} to continue, "
+            raise ValueError(f"{cfg.out}: holds checkpoints ({found[-1].name}): --resume {cfg.out} to continue, "
                              f"or choose another --out")
         return None
     if not found:
-        raise ValueError(f"{out}: no checkpoint to resume from")
-    return json.loads((found[-1] / "state.json").read_text())
+        raise ValueError(f"{cfg.out}: no checkpoint to resume from")
+    stored = json.loads((found[-1] / "state.json").read_text())["train_config"]
+    for key, value in asdict(cfg).items():
+        if key not in ("data", "out", "compile") and stored.get(key) != value:
+            raise ValueError(f"{cfg.out} was trained with {key} = {stored.get(key)!r}, not {value!r}: "
+                             f"a resumed run keeps its configuration")
+    return found[-1]
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -274,10 +280,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     val_shards = data.open_split(cfg.data, "val")
     if not val_shards:
         raise ValueError(f"{cfg.data}: the validation split is empty (prepare with --val-fraction > 0)")
-    saved = _check_resume(cfg, out, resume)
-    if saved is not None and saved["tokenizer"] != manifest["tokenizer"]:
-        raise ValueError(f"{cfg.data}: shards of tokenizer {manifest['tokenizer']}, but {out} was trained with "
-                         f"tokenizer {saved['tokenizer']}")
+    saved = _resume_from(cfg, resume)
+    if saved is not None:
+        state, weights, opt_tensors = load_checkpoint(saved)
+        if state["tokenizer"] != manifest["tokenizer"]:
+            raise ValueError(f"{cfg.data}: shards of tokenizer {manifest['tokenizer']}, but {out} was trained "
+                             f"with tokenizer {state['tokenizer']}")
     per_micro = cfg.micro_batch * cfg.context * rt.world
     if cfg.batch_tokens % per_micro:
         raise ValueError(f"--batch-tokens {cfg.batch_tokens} is not a multiple of micro_batch x context x ranks "
@@ -288,7 +296,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model = Llama(mcfg).to(rt.device)
     step, total = 0, cfg.max_steps
     if saved is not None:
-        state, weights, opt_tensors = load_checkpoint(checkpoints(out)[-1])
         model.load_state_dict(weights)  # before sharding: FSDP2 shards what is loaded
         torch.set_rng_state(opt_tensors.pop("rng.torch"))
         step, total = state["step"], state["total_steps"]
@@ -364,18 +371,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if total == 0:  # a time budget: measure an eval and a few steps, then fix the step count
         last_eval = evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt, split=not cfg.fsdp)
         eval_time = time.perf_counter() - t_start
-        probe, t0 = 0, time.perf_counter()
         total = 10**9
-        while probe < 5:
+        for probe in range(7):  # 2 untimed steps (compilation, allocation), then 5 timed ones
+            if probe == 2:
+                t0 = time.perf_counter()
             _check_finite(train_step(step), step, out)
-            step, probe = step + 1, probe + 1
-        step_time = (time.perf_counter() - t0) / probe
+            step += 1
+        step_time = (time.perf_counter() - t0) / 5
         if rt.world > 1:
             t = torch.tensor([step_time], device=rt.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             step_time = t.item()
-        total = max(step + 1, int((cfg.time_budget - eval_time) / (step_time + eval_time / cfg.eval_every)))
-        # the probe steps ran at the warmup's start; the schedule below covers them exactly
+        remaining = cfg.time_budget - (time.perf_counter() - t_start) - eval_time  # the final eval too
+        total = step + max(1, int(remaining / (step_time + eval_time / cfg.eval_every)))
+        # the probe steps ran inside the warmup (20 steps by default), where the schedule
+        # does not depend on the total, so fixing the total now changes nothing before
         if rt.main:
             _log(out, {"step": 0, "tokens": 0, **last_eval})
     from tqdm import tqdm
