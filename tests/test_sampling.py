@@ -1,7 +1,6 @@
 """Sampling against hand-computed distributions, and generation's stop rules."""
 
 import numpy as np
-import pytest
 
 from twofile import run
 

@@ -1,7 +1,6 @@
 """run.py's tokenizers against their references: Hugging Face `tokenizers` for byte-level
 BPE (GPT-2 and Llama 3 splits), Google's `sentencepiece` for SentencePiece BPE."""
 
-import numpy as np
 import pytest
 
 from conftest import LLAMA3_SPLIT, SAMPLE_TEXT, SPECIALS, add_metadata, bpe_metadata, gguf, train_bpe, varied_strings

@@ -20,10 +20,10 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -338,7 +338,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             x, y = data.train_batch(shards, cfg.micro_batch, cfg.context, cfg.seed, s, index)
             x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
             sync = micro == accum - 1 or rt.world == 1 or cfg.fsdp
-            ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else _null()
+            ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else nullcontext()
             with ctx, torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
                 _, loss = train_model(x, y)
                 (loss / accum).backward()
@@ -427,14 +427,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if rt.world > 1:
         dist.destroy_process_group()
     return {**metrics, **(last_eval or {})}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _check_finite(loss: float, step: int, out: Path):
