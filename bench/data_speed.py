@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from twofile import data, tokenizer  # noqa: E402
+from twofile import assets, data, tokenizer  # noqa: E402
 from bench.run_speed import machine  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--vocab-sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     args = p.parse_args()
-    corpus = str(data.fetch_default())
+    corpus = str(assets.fetch(assets.DEFAULT_CORPUS))
     sources = data.expand([corpus])
     val = data.validation_files(sources, 0.01)
     megabytes = sum(s.size for s in sources) / 1e6

@@ -11,7 +11,7 @@ import argparse
 import statistics
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +31,7 @@ def main():
     args = p.parse_args()
     folder = train.default_data(args.vocab_size)
     overrides = {}
-    types = {f.name: f.type for f in train.config_fields()}
+    types = {f.name: f.type for f in fields(train.TrainConfig)}
     for item in args.set:
         key, _, value = item.partition("=")
         kind = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true"), "str": str}[types[key]]

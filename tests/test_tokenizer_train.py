@@ -5,12 +5,12 @@ the `tokenizers` library (the oracle)."""
 import pytest
 
 from conftest import add_metadata, gguf, varied_strings
-from twofile import data, run, tokenizer
+from twofile import assets, data, run, tokenizer
 
 
 @pytest.fixture(scope="module")
 def default_corpus():
-    return data.fetch_default()
+    return assets.fetch(assets.DEFAULT_CORPUS)
 
 
 @pytest.fixture(scope="module")

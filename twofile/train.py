@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -365,11 +365,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if rt.world > 1:
             dist.barrier()
 
+    def validate() -> dict:
+        return evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt, split=not cfg.fsdp)
+
     t_start = time.perf_counter()
     metrics: dict = {}
     last_eval = None
     if total == 0:  # a time budget: measure an eval and a few steps, then fix the step count
-        last_eval = evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt, split=not cfg.fsdp)
+        last_eval = validate()
         eval_time = time.perf_counter() - t_start
         total = 10**9
         for probe in range(7):  # 2 untimed steps (compilation, allocation), then 5 timed ones
@@ -404,7 +407,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             metrics = {"step": step, "tokens": step * cfg.batch_tokens, "loss": loss, "lr": lr_at(step - 1, cfg, total),
                        "tok_s": tok_s, "mfu": mfu, "time": now - t_start}
             if step % cfg.eval_every == 0 or step == total:
-                last_eval = evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt, split=not cfg.fsdp)
+                last_eval = validate()
                 metrics.update(last_eval)
             if rt.main:
                 _log(out, metrics)
@@ -471,10 +474,6 @@ def plot_losses(out: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def config_fields() -> list:
-    return fields(TrainConfig)
 
 
 # ---------------------------------------------------------------------------
