@@ -358,11 +358,17 @@ def get_rows(w: TensorInfo, ids) -> np.ndarray:
 # multiplied in vector registers, rows shared among the threads, nothing decoded to memory.
 # Without numba, or with RUN_PY_NUMBA=0, the numpy forward pass above runs instead.
 #
-# As in llama.cpp, the activations x are rounded to integers per block of 32 so that a block's
-# dot product is a few integer multiply-add instructions. We round to 16 bits where llama.cpp
-# rounds to 8: the error is at most 1/65534 of the block's largest |x|, and logits match the
-# float32 numpy path to about 1e-5 of their scale (tested on every tensor type). F32, F16 and
-# BF16 matrices are multiplied in float32.
+# As in llama.cpp, the activations x are rounded to integers per block of 32, so a block's
+# dot product is integer multiply-adds (16 products per instruction); we round to 16 bits where
+# llama.cpp rounds to 8: the error is at most 1/65534 of the block's largest |x|, and logits
+# match the float32 numpy path to about 1e-4 of their scale (tested on every tensor type).
+# F32, F16 and BF16 matrices are multiplied in float32.
+#
+# numba has no vector type, so the few vector operations are written as LLVM IR (intrinsics):
+# `Lanes` is 16 float32 accumulators kept in a register through a row; the weights of one
+# block are unpacked to 16-bit integers, multiplied with 32 activations, summed in pairs into
+# 16 int32 lanes, scaled and added to the lanes. Portable IR: LLVM picks the instructions
+# (AVX-512, AVX2 or NEON).
 
 def _import_numba():
     if os.environ.get("RUN_PY_NUMBA", "1") == "0":
@@ -378,32 +384,84 @@ numba = _import_numba()
 
 if numba is not None:
     from llvmlite import ir as _ir
-    from numba.extending import intrinsic as _intrinsic
+    from numba.extending import intrinsic as _intrinsic, models as _models, register_model as _register_model
 
-    _I8, _I16, _I32 = _ir.IntType(8), _ir.IntType(16), _ir.IntType(32)
+    class _LanesType(numba.types.Type):
+        def __init__(self):
+            super().__init__(name="Lanes")
+
+    _lanes = _LanesType()
+
+    @_register_model(_LanesType)
+    class _LanesModel(_models.PrimitiveModel):
+        def __init__(self, dmm, fe_type):
+            super().__init__(dmm, fe_type, _ir.VectorType(_ir.FloatType(), 16))
+
+    _I8, _I16, _I32, _F32 = _ir.IntType(8), _ir.IntType(16), _ir.IntType(32), _ir.FloatType()
+
+    def _vec(element, n):
+        return _ir.VectorType(element, n)
 
     def _load(context, builder, array_type, array, index, element, n=None):
-        """Load element (or a vector of n) from `array` at `index`, with no alignment assumed."""
+        """Load one element (or a vector of n) of `array` at `index`; no alignment assumed."""
         data = context.make_array(array_type)(context, builder, array).data
-        kind = element if n is None else _ir.VectorType(element, n)
+        kind = element if n is None else _vec(element, n)
         return builder.load(builder.bitcast(builder.gep(data, [index]), kind.as_pointer()), align=1)
 
-    def _splat(builder, value, n):
-        """A vector of n copies of an integer value, truncated to bytes."""
-        vector = _ir.VectorType(_I8, n)
-        one = builder.insert_element(_ir.Constant(vector, None), builder.trunc(value, _I8), _ir.Constant(_I32, 0))
-        return builder.shuffle_vector(one, _ir.Constant(vector, None), _ir.Constant(_ir.VectorType(_I32, n), [0] * n))
+    def _splat(builder, value, n, mask=None):
+        """n copies of a scalar (or, with mask, of the elements of a vector that mask picks)."""
+        if mask is None:
+            value = builder.insert_element(_ir.Constant(_vec(value.type, 1), None), value, _ir.Constant(_I32, 0))
+            mask = [0] * n
+        return builder.shuffle_vector(value, _ir.Constant(value.type, None), _ir.Constant(_vec(_I32, n), mask))
 
-    def _sum(builder, products, n):
-        reduce = builder.module.declare_intrinsic(
-            f"llvm.vector.reduce.add.v{n}i32", fnty=_ir.FunctionType(_I32, [_ir.VectorType(_I32, n)]))
-        return builder.call(reduce, [products])
+    def _bytes_field(builder, v, shift, mask, n):
+        """(v >> shift) & mask on a vector of n bytes; shift and mask are int64 values."""
+        return builder.and_(builder.lshr(v, _splat(builder, builder.trunc(shift, _I8), n)),
+                            _splat(builder, builder.trunc(mask, _I8), n))
+
+    def _accumulate(context, builder, acc, q, signed, offset, xq_type, xq, xo, scales):
+        """acc + scales * (pairwise sums of (q - offset) * xq[xo:xo+32]), q 32 bytes; LLVM turns
+        the multiply and pairwise add into one vpmaddwd (pmaddwd, smlal on other CPUs)."""
+        i16x32, i32x32 = _vec(_I16, 32), _vec(_I32, 32)
+        q16 = builder.sext(q, i16x32) if signed else builder.zext(q, i16x32)
+        q16 = builder.sub(q16, _splat(builder, builder.trunc(offset, _I16), 32))
+        x16 = _load(context, builder, xq_type, xq, xo, _I16, 32)
+        products = builder.mul(builder.sext(q16, i32x32), builder.sext(x16, i32x32))
+        pairs = builder.add(_splat(builder, products, 16, list(range(0, 32, 2))),
+                            _splat(builder, products, 16, list(range(1, 32, 2))))
+        lanes = builder.sitofp(pairs, _vec(_F32, 16))
+        f32x16 = _vec(_F32, 16)
+        fmuladd = builder.module.declare_intrinsic("llvm.fmuladd.v16f32",
+                                                   fnty=_ir.FunctionType(f32x16, [f32x16] * 3))
+        return builder.call(fmuladd, [lanes, scales, acc])
+
+    def _two_scales(builder, low, high):
+        """16 lanes: `low` in lanes 0-7 (weights 0-15 of a block), `high` in 8-15 (16-31)."""
+        pair = builder.insert_element(builder.insert_element(
+            _ir.Constant(_vec(_F32, 2), None), low, _ir.Constant(_I32, 0)), high, _ir.Constant(_I32, 1))
+        return _splat(builder, pair, 16, [0] * 8 + [1] * 8)
+
+    @_intrinsic
+    def _zeros(typingctx):
+        def codegen(context, builder, signature, args):
+            return _ir.Constant(_vec(_F32, 16), [0.0] * 16)
+        return _lanes(), codegen
+
+    @_intrinsic
+    def _total(typingctx, acc):
+        """The sum of the 16 lanes."""
+        def codegen(context, builder, signature, args):
+            reduce = builder.module.declare_intrinsic("llvm.vector.reduce.fadd.v16f32",
+                                                      fnty=_ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]))
+            return builder.call(reduce, [_ir.Constant(_F32, 0.0), args[0]], fastmath=("reassoc",))
+        return numba.types.float32(acc), codegen
 
     @_intrinsic
     def _half(typingctx, w, o):
-        """The IEEE half at bytes o, o+1 of w, as float32 (one F16C instruction on x86)."""
+        """The IEEE half at bytes o, o+1 of w, as float32."""
         def codegen(context, builder, signature, args):
-            return builder.fpext(_load(context, builder, signature.args[0], *args, _ir.HalfType()), _ir.FloatType())
+            return builder.fpext(_load(context, builder, signature.args[0], *args, _ir.HalfType()), _F32)
         return numba.types.float32(w, o), codegen
 
     @_intrinsic
@@ -411,55 +469,57 @@ if numba is not None:
         """The bfloat16 at bytes o, o+1 of w, as float32 (its top 16 bits)."""
         def codegen(context, builder, signature, args):
             bits = builder.zext(_load(context, builder, signature.args[0], *args, _I16), _I32)
-            return builder.bitcast(builder.shl(bits, _ir.Constant(_I32, 16)), _ir.FloatType())
+            return builder.bitcast(builder.shl(bits, _ir.Constant(_I32, 16)), _F32)
         return numba.types.float32(w, o), codegen
 
     @_intrinsic
-    def _dot_nibbles(typingctx, w, o, xq, xo):
-        """Int32 sum over j < 16 of (w[o+j] & 15) * xq[xo+j] + (w[o+j] >> 4) * xq[xo+16+j]:
-        one 32-weight block of Q4_0/Q4_1/Q5_0/Q5_1 (low nibbles first, then high)."""
+    def _add_nibbles(typingctx, acc, w, o, high, xq, xo, scale, offset):
+        """Lanes += scale * block . xq[xo:xo+32] for a Q4/Q5 block: 16 bytes at o hold weights
+        j (low nibble) and j+16 (high nibble); for Q5 (high >= 0) bit j of the 4 bytes at
+        `high` is weight j's fifth bit. Weights are the unsigned values minus `offset`."""
         def codegen(context, builder, signature, args):
-            packed = _load(context, builder, signature.args[0], args[0], args[1], _I8, 16)
-            low = builder.and_(packed, _ir.Constant(_ir.VectorType(_I8, 16), [15] * 16))
-            high = builder.lshr(packed, _ir.Constant(_ir.VectorType(_I8, 16), [4] * 16))
-            q = builder.shuffle_vector(low, high, _ir.Constant(_ir.VectorType(_I32, 32), list(range(32))))
-            x = _load(context, builder, signature.args[2], args[2], args[3], _I16, 32)
-            i32x32 = _ir.VectorType(_I32, 32)
-            return _sum(builder, builder.mul(builder.zext(q, i32x32), builder.sext(x, i32x32)), 32)
-        return numba.types.int32(w, o, xq, xo), codegen
-
-    def _field_dot(n):
-        """An intrinsic: int32 sum over l < n of q[l] * xq[xo+l] with the unsigned weight
-        q[l] = ((w[o1+l] >> s1) & m1) | (((w[o2+l] >> s2) & m2) << 4): a nibble plus the high
-        bits that Q5_K and Q6_K keep in another byte array (m2 = 0: none). Shifts are < 8."""
-        @_intrinsic
-        def dot(typingctx, w, o1, s1, m1, o2, s2, m2, xq, xo):
-            def codegen(context, builder, signature, args):
-                w_, o1_, s1_, m1_, o2_, s2_, m2_, xq_, xo_ = args
-
-                def field(o, s, m):
-                    v = _load(context, builder, signature.args[0], w_, o, _I8, n)
-                    return builder.and_(builder.lshr(v, _splat(builder, s, n)), _splat(builder, m, n))
-
-                high = builder.shl(field(o2_, s2_, m2_), _ir.Constant(_ir.VectorType(_I8, n), [4] * n))
-                q = builder.or_(field(o1_, s1_, m1_), high)
-                x = _load(context, builder, signature.args[7], xq_, xo_, _I16, n)
-                i32xn = _ir.VectorType(_I32, n)
-                return _sum(builder, builder.mul(builder.zext(q, i32xn), builder.sext(x, i32xn)), n)
-            return numba.types.int32(w, o1, s1, m1, o2, s2, m2, xq, xo), codegen
-        return dot
-
-    _dot16, _dot32 = _field_dot(16), _field_dot(32)
+            acc_, w_, o_, high_, xq_, xo_, scale_, offset_ = args
+            wt = signature.args[1]
+            packed = _load(context, builder, wt, w_, o_, _I8, 16)
+            low = builder.and_(packed, _ir.Constant(_vec(_I8, 16), [15] * 16))
+            top = builder.lshr(packed, _ir.Constant(_vec(_I8, 16), [4] * 16))
+            q = builder.shuffle_vector(low, top, _ir.Constant(_vec(_I32, 32), list(range(32))))
+            # branch-free: for Q4 (high < 0) the word is read at o and masked to nothing
+            is_q5 = builder.icmp_signed(">=", high_, _ir.Constant(high_.type, 0))
+            word = _load(context, builder, wt, w_, builder.select(is_q5, high_, o_), _I32)
+            bits = builder.lshr(_splat(builder, word, 32), _ir.Constant(_vec(_I32, 32), list(range(32))))
+            bits = builder.and_(bits, _splat(builder, builder.zext(is_q5, _I32), 32))
+            q = builder.or_(q, builder.shl(builder.trunc(bits, _vec(_I8, 32)), _ir.Constant(_vec(_I8, 32), [4] * 32)))
+            scales = _splat(builder, scale_, 16)
+            return _accumulate(context, builder, acc_, q, False, offset_, signature.args[4], xq_, xo_, scales)
+        return _lanes(acc, w, o, high, xq, xo, scale, offset), codegen
 
     @_intrinsic
-    def _dot_i8(typingctx, w, o, xq, xo):
-        """Int32 sum over l < 32 of int8(w[o+l]) * xq[xo+l]: one Q8_0 block."""
+    def _add_fields(typingctx, acc, w, o1, s1, m1, o2, s2, m2, xq, xo, scale_low, scale_high, offset):
+        """Lanes += scales * block . xq[xo:xo+32] for 32 weights of a K type:
+        q[l] = ((w[o1+l] >> s1) & m1) | (((w[o2+l] >> s2) & m2) << 4) - offset, where the second
+        field holds Q5_K's fifth bit or Q6_K's two high bits (m2 = 0: none). Weights 0-15
+        are scaled by scale_low, 16-31 by scale_high (Q6_K has a scale per 16)."""
         def codegen(context, builder, signature, args):
-            i32x32 = _ir.VectorType(_I32, 32)
-            q = _load(context, builder, signature.args[0], args[0], args[1], _I8, 32)
-            x = _load(context, builder, signature.args[2], args[2], args[3], _I16, 32)
-            return _sum(builder, builder.mul(builder.sext(q, i32x32), builder.sext(x, i32x32)), 32)
-        return numba.types.int32(w, o, xq, xo), codegen
+            acc_, w_, o1_, s1_, m1_, o2_, s2_, m2_, xq_, xo_, low_, high_, offset_ = args
+            wt = signature.args[1]
+            first = _bytes_field(builder, _load(context, builder, wt, w_, o1_, _I8, 32), s1_, m1_, 32)
+            second = _bytes_field(builder, _load(context, builder, wt, w_, o2_, _I8, 32), s2_, m2_, 32)
+            q = builder.or_(first, builder.shl(second, _ir.Constant(_vec(_I8, 32), [4] * 32)))
+            scales = _two_scales(builder, low_, high_)
+            return _accumulate(context, builder, acc_, q, False, offset_, signature.args[8], xq_, xo_, scales)
+        return _lanes(acc, w, o1, s1, m1, o2, s2, m2, xq, xo, scale_low, scale_high, offset), codegen
+
+    @_intrinsic
+    def _add_int8(typingctx, acc, w, o, xq, xo, scale):
+        """Lanes += scale * block . xq[xo:xo+32] for a Q8_0 block: 32 signed bytes at o."""
+        def codegen(context, builder, signature, args):
+            acc_, w_, o_, xq_, xo_, scale_ = args
+            q = _load(context, builder, signature.args[1], w_, o_, _I8, 32)
+            zero = _ir.Constant(_ir.IntType(64), 0)
+            return _accumulate(context, builder, acc_, q, True, zero, signature.args[3], xq_, xo_,
+                               _splat(builder, scale_, 16))
+        return _lanes(acc, w, o, xq, xo, scale), codegen
 
     # reassociation lets float sums use vector lanes; no 'no-inf/no-nan' assumptions (exp overflows)
     _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -472,8 +532,8 @@ else:  # nothing below is called without numba; the definitions still read as Py
     _kernel, _prange = _jit, range
 
 
-# One function per tensor type: the dot product of a row (its bytes w) with x, where xq holds
-# x as 16-bit integers, xd the scale of each 32-block of them and isum their sums per 16.
+# One function per tensor type: the dot product of one row (its bytes w) with x, where xq holds
+# x as 16-bit integers, xd the scale of each 32-block of them and xsum their sums per 32.
 
 @_jit
 def _row_f32(w, x):
@@ -501,61 +561,45 @@ def _row_bf16(w, x):
 
 
 @_jit
-def _row_q8_0(w, xq, xd, isum):
-    total = np.float32(0)
+def _row_q8_0(w, xq, xd, xsum):  # 34 bytes: d, 32 int8
+    acc = _zeros()
     for b in range(xq.shape[0] // 32):
-        total += _half(w, 34 * b) * xd[b] * np.float32(_dot_i8(w, 34 * b + 2, xq, 32 * b))
-    return total
+        acc = _add_int8(acc, w, 34 * b + 2, xq, 32 * b, _half(w, 34 * b) * xd[b])
+    return _total(acc)
 
 
 @_jit
-def _row_q4_0(w, xq, xd, isum):  # weight = d * (q - 8)
-    total = np.float32(0)
+def _row_q4_0(w, xq, xd, xsum):  # 18 bytes: d, 16 bytes of nibbles; weight = d * (q - 8)
+    acc = _zeros()
     for b in range(xq.shape[0] // 32):
-        dot = _dot_nibbles(w, 18 * b + 2, xq, 32 * b) - 8 * (isum[2 * b] + isum[2 * b + 1])
-        total += _half(w, 18 * b) * xd[b] * np.float32(dot)
-    return total
+        acc = _add_nibbles(acc, w, 18 * b + 2, -1, xq, 32 * b, _half(w, 18 * b) * xd[b], 8)
+    return _total(acc)
 
 
 @_jit
-def _row_q4_1(w, xq, xd, isum):  # weight = d * q + m
-    total = np.float32(0)
+def _row_q4_1(w, xq, xd, xsum):  # 20 bytes: d, m, nibbles; weight = d * q + m
+    acc, offsets = _zeros(), np.float32(0)
     for b in range(xq.shape[0] // 32):
-        o = 20 * b
-        total += xd[b] * (_half(w, o) * np.float32(_dot_nibbles(w, o + 4, xq, 32 * b))
-                          + _half(w, o + 2) * np.float32(isum[2 * b] + isum[2 * b + 1]))
-    return total
+        acc = _add_nibbles(acc, w, 20 * b + 4, -1, xq, 32 * b, _half(w, 20 * b) * xd[b], 0)
+        offsets += _half(w, 20 * b + 2) * xd[b] * xsum[b]
+    return _total(acc) + offsets
 
 
 @_jit
-def _fifth_bits(w, o, xq, xo):
-    """Sum of xq[xo+j] over the weights j < 32 whose fifth bit (bit j of 4 bytes at o) is set."""
-    bits = np.int64(w[o]) | (np.int64(w[o + 1]) << 8) | (np.int64(w[o + 2]) << 16) | (np.int64(w[o + 3]) << 24)
-    total = 0
-    for j in range(32):
-        total += ((bits >> j) & 1) * np.int64(xq[xo + j])
-    return total
+def _row_q5_0(w, xq, xd, xsum):  # 22 bytes: d, fifth bits, nibbles; weight = d * (q - 16)
+    acc = _zeros()
+    for b in range(xq.shape[0] // 32):
+        acc = _add_nibbles(acc, w, 22 * b + 6, 22 * b + 2, xq, 32 * b, _half(w, 22 * b) * xd[b], 16)
+    return _total(acc)
 
 
 @_jit
-def _row_q5_0(w, xq, xd, isum):  # weight = d * (q - 16), q's fifth bits in 4 bytes
-    total = np.float32(0)
+def _row_q5_1(w, xq, xd, xsum):  # 24 bytes: d, m, fifth bits, nibbles; weight = d * q + m
+    acc, offsets = _zeros(), np.float32(0)
     for b in range(xq.shape[0] // 32):
-        o = 22 * b
-        dot = (_dot_nibbles(w, o + 6, xq, 32 * b) + 16 * _fifth_bits(w, o + 2, xq, 32 * b)
-               - 16 * (isum[2 * b] + isum[2 * b + 1]))
-        total += _half(w, o) * xd[b] * np.float32(dot)
-    return total
-
-
-@_jit
-def _row_q5_1(w, xq, xd, isum):  # weight = d * q + m
-    total = np.float32(0)
-    for b in range(xq.shape[0] // 32):
-        o = 24 * b
-        dot = _dot_nibbles(w, o + 8, xq, 32 * b) + 16 * _fifth_bits(w, o + 4, xq, 32 * b)
-        total += xd[b] * (_half(w, o) * np.float32(dot) + _half(w, o + 2) * np.float32(isum[2 * b] + isum[2 * b + 1]))
-    return total
+        acc = _add_nibbles(acc, w, 24 * b + 8, 24 * b + 4, xq, 32 * b, _half(w, 24 * b) * xd[b], 0)
+        offsets += _half(w, 24 * b + 2) * xd[b] * xsum[b]
+    return _total(acc) + offsets
 
 
 @_jit
@@ -568,52 +612,58 @@ def _k_scale(w, o, j):
 
 
 @_jit
-def _row_q4_k(w, xq, xd, isum):  # 8 sub-blocks of 32: weight = d * scale * q - dmin * min
-    total = np.float32(0)
+def _row_q4_k(w, xq, xd, xsum):
+    """144 bytes per 256 weights: d, dmin, 12 bytes of 6-bit scales and mins, then 32 bytes per
+    pair of 32-weight sub-blocks (low nibbles: the even one); weight = d*scale*q - dmin*min."""
+    acc, mins = _zeros(), np.float32(0)
     for b in range(xq.shape[0] // 256):
         o = 144 * b
         d, dmin = _half(w, o), _half(w, o + 2)
-        for j in range(8):  # 32 bytes hold sub-blocks j (low nibbles) and j+1 (high), j even
+        for j in range(8):
             scale, low = _k_scale(w, o + 4, j)
-            q0, xb = o + 16 + 16 * (j & ~1), 8 * b + j
-            dot = _dot32(w, q0, 4 * (j & 1), 15, q0, 0, 0, xq, 32 * xb)
-            total += xd[xb] * (d * scale * np.float32(dot) - dmin * low * np.float32(isum[2 * xb] + isum[2 * xb + 1]))
-    return total
+            q, s = o + 16 + 16 * (j & ~1), 8 * b + j
+            acc = _add_fields(acc, w, q, 4 * (j & 1), 15, q, 0, 0, xq, 32 * s,
+                              d * scale * xd[s], d * scale * xd[s], 0)
+            mins += dmin * low * xd[s] * xsum[s]
+    return _total(acc) - mins
 
 
 @_jit
-def _row_q5_k(w, xq, xd, isum):  # as Q4_K, with fifth bits: bit j of byte l of qh
-    total = np.float32(0)
+def _row_q5_k(w, xq, xd, xsum):
+    """176 bytes: as Q4_K, with 32 bytes of fifth bits after the scales (bit j: sub-block j)."""
+    acc, mins = _zeros(), np.float32(0)
     for b in range(xq.shape[0] // 256):
         o = 176 * b
         d, dmin = _half(w, o), _half(w, o + 2)
         for j in range(8):
             scale, low = _k_scale(w, o + 4, j)
-            q0, xb = o + 48 + 16 * (j & ~1), 8 * b + j
-            dot = _dot32(w, q0, 4 * (j & 1), 15, o + 16, j, 1, xq, 32 * xb)
-            total += xd[xb] * (d * scale * np.float32(dot) - dmin * low * np.float32(isum[2 * xb] + isum[2 * xb + 1]))
-    return total
+            q, s = o + 48 + 16 * (j & ~1), 8 * b + j
+            acc = _add_fields(acc, w, q, 4 * (j & 1), 15, o + 16, j, 1, xq, 32 * s,
+                              d * scale * xd[s], d * scale * xd[s], 0)
+            mins += dmin * low * xd[s] * xsum[s]
+    return _total(acc) - mins
 
 
 @_jit
-def _row_q6_k(w, xq, xd, isum):  # 16 sub-blocks of 16: weight = d * scale * (q - 32)
-    total = np.float32(0)
+def _row_q6_k(w, xq, xd, xsum):
+    """210 bytes per 256 weights: 128 bytes of low nibbles, 64 of two high bits, 16 int8 scales
+    (one per 16 weights), d; weight = d * scale * (q - 32)."""
+    acc = _zeros()
     for b in range(xq.shape[0] // 256):
         o = 210 * b
         d = _half(w, o + 208)
-        for n in range(2):  # two halves of 128 weights: 64 bytes of low nibbles, 32 of high bits
-            for k in range(4):  # weights 32k..32k+31 of the half: ql bytes (k & 1), nibble k >> 1
-                for g in range(2):
-                    sub, x0 = 8 * n + 2 * k + g, 256 * b + 128 * n + 32 * k + 16 * g
-                    scale = np.float32(np.int32(w[o + 192 + sub]) - ((np.int32(w[o + 192 + sub]) & 128) << 1))
-                    dot = _dot16(w, o + 64 * n + 32 * (k & 1) + 16 * g, 4 * (k >> 1), 15,
-                                 o + 128 + 32 * n + 16 * g, 2 * k, 3, xq, x0) - 32 * isum[x0 // 16]
-                    total += d * scale * xd[x0 // 32] * np.float32(dot)
-    return total
+        for n in range(2):  # halves of 128 weights
+            for k in range(4):  # weights 32k..32k+31: ql bytes 32*(k & 1).., nibble k >> 1, bits 2k
+                s, sc = 8 * b + 4 * n + k, o + 192 + 8 * n + 2 * k
+                low = np.float32(np.int32(w[sc]) - ((np.int32(w[sc]) & 128) << 1))
+                high = np.float32(np.int32(w[sc + 1]) - ((np.int32(w[sc + 1]) & 128) << 1))
+                acc = _add_fields(acc, w, o + 64 * n + 32 * (k & 1), 4 * (k >> 1), 15, o + 128 + 32 * n, 2 * k, 3,
+                                  xq, 32 * s, d * low * xd[s], d * high * xd[s], 32)
+    return _total(acc)
 
 
 @_jit
-def _row(w, ggml_type, x, xq, xd, isum):
+def _row(w, ggml_type, x, xq, xd, xsum):
     if ggml_type == 0:
         return _row_f32(w, x)
     if ggml_type == 1:
@@ -621,45 +671,50 @@ def _row(w, ggml_type, x, xq, xd, isum):
     if ggml_type == 30:
         return _row_bf16(w, x)
     if ggml_type == 8:
-        return _row_q8_0(w, xq, xd, isum)
+        return _row_q8_0(w, xq, xd, xsum)
     if ggml_type == 2:
-        return _row_q4_0(w, xq, xd, isum)
+        return _row_q4_0(w, xq, xd, xsum)
     if ggml_type == 3:
-        return _row_q4_1(w, xq, xd, isum)
+        return _row_q4_1(w, xq, xd, xsum)
     if ggml_type == 6:
-        return _row_q5_0(w, xq, xd, isum)
+        return _row_q5_0(w, xq, xd, xsum)
     if ggml_type == 7:
-        return _row_q5_1(w, xq, xd, isum)
+        return _row_q5_1(w, xq, xd, xsum)
     if ggml_type == 12:
-        return _row_q4_k(w, xq, xd, isum)
+        return _row_q4_k(w, xq, xd, xsum)
     if ggml_type == 13:
-        return _row_q5_k(w, xq, xd, isum)
-    return _row_q6_k(w, xq, xd, isum)
+        return _row_q5_k(w, xq, xd, xsum)
+    return _row_q6_k(w, xq, xd, xsum)
+
+
+@_jit
+def _quantize(x):
+    """x as 16-bit integers per block of 32: (the integers, each block's scale, each block's sum)."""
+    n = max(x.shape[0] // 32, 1)
+    xq, xd, xsum = np.zeros(x.shape[0], np.int16), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for b in range(x.shape[0] // 32):
+        top = np.float32(0)
+        for j in range(32):
+            top = max(top, abs(x[32 * b + j]))
+        xd[b] = top / np.float32(32767)
+        inverse = np.float32(32767) / top if top > 0 else np.float32(0)
+        for j in range(32):
+            q = np.floor(x[32 * b + j] * inverse + np.float32(0.5))
+            xq[32 * b + j] = np.int16(q)
+            xsum[b] += q
+    return xq, xd, xsum
 
 
 @_kernel
-def _matvec(w, ggml_type, x, out, chunks):
-    """out = w @ x for a matrix w (rows, row_bytes) in its file type, its rows split in `chunks`
-    parts shared among the threads."""
-    # x as 16-bit integers per 32-block (for the quantized types). Loops, not array expressions:
-    # in a parallel function each array expression would be a parallel region of its own.
-    n = x.shape[0]
-    xq, xd, isum = np.zeros(n, np.int16), np.zeros(max(n // 32, 1), np.float32), np.zeros(max(n // 16, 1), np.int32)
-    if ggml_type not in (0, 1, 30):
-        for b in range(n // 32):
-            top = np.float32(0)
-            for j in range(32):
-                top = max(top, abs(x[32 * b + j]))
-            xd[b] = top / np.float32(32767)
-            inverse = np.float32(32767) / top if top > 0 else np.float32(0)
-            for j in range(32):
-                xq[32 * b + j] = np.int16(np.rint(x[32 * b + j] * inverse))
-                isum[2 * b + j // 16] += xq[32 * b + j]
+def _matvec(w, ggml_type, x, xq, xd, xsum, out, chunks):
+    """out = w @ x for a matrix w (rows, row_bytes) in its file type, with x also given as
+    _quantize(x); its rows are split in `chunks` parts shared among the threads. (No array
+    expressions here: in a parallel function each would be a parallel region of its own.)"""
     rows = w.shape[0]
     chunks = min(rows, chunks)
     for c in _prange(chunks):
         for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            out[r] = _row(w[r], ggml_type, x, xq, xd, isum)
+            out[r] = _row(w[r], ggml_type, x, xq, xd, xsum)
 
 
 @_jit
@@ -677,39 +732,49 @@ def _rope(x, n_head, head_dim, cos, sin):
             x[h * head_dim + 2 * i + 1] = a * sin[i] + b * cos[i]
 
 
-@_kernel
-def _attention(q, keys, values, n_head, out):
-    """One query per head against positions 0..len(keys)-1; keys, values (S, n_head_kv, head_dim)."""
-    S, n_head_kv, head_dim = keys.shape
-    group, scale = n_head // n_head_kv, np.float32(1.0 / np.sqrt(head_dim))
-    for h in _prange(n_head):
-        q0, kv = h * head_dim, h // group
-        scores = np.empty(S, np.float32)
-        top = -np.inf
-        for s in range(S):
-            dot = np.float32(0)
-            for d in range(head_dim):
-                dot += q[q0 + d] * keys[s, kv, d]
-            scores[s] = dot * scale
-            top = max(top, scores[s])
-        total = np.float32(0)
-        for s in range(S):
-            scores[s] = np.exp(scores[s] - top)
-            total += scores[s]
+@_jit
+def _attend(q, keys, values, S, head, group, out):
+    """Query head `head` against the first S positions of its key/value head (head // group)."""
+    head_dim, kv = keys.shape[2], head // group
+    scale, q0 = np.float32(1.0 / np.sqrt(head_dim)), head * head_dim
+    scores = np.empty(S, np.float32)
+    top = -np.inf
+    for s in range(S):
+        dot = np.float32(0)
         for d in range(head_dim):
-            out[q0 + d] = 0
-        for s in range(S):
-            p = scores[s] / total
-            for d in range(head_dim):
-                out[q0 + d] += p * values[s, kv, d]
+            dot += q[q0 + d] * keys[s, kv, d]
+        scores[s] = dot * scale
+        top = max(top, scores[s])
+    total = np.float32(0)
+    for s in range(S):
+        scores[s] = np.exp(scores[s] - top)
+        total += scores[s]
+    for d in range(head_dim):
+        out[q0 + d] = 0
+    for s in range(S):
+        p = scores[s] / total
+        for d in range(head_dim):
+            out[q0 + d] += p * values[s, kv, d]
+
+
+@_kernel
+def _attention(q, keys, values, S, n_head, out, threads):
+    """Every query head against the first S positions of keys, values (positions, n_head_kv,
+    head_dim), heads split among the threads. Whole cache arrays are passed (not slices) so
+    that numba knows they are contiguous."""
+    group = n_head // keys.shape[1]
+    for t in _prange(threads):
+        for head in range(t * n_head // threads, (t + 1) * n_head // threads):
+            _attend(q, keys, values, S, head, group, out)
 
 
 @_jit
-def _decode_token(x, pos, matrices, types, norms, k_cache, v_cache, cos, sin, n_head, eps, logits, chunks):
+def _decode_token(x, pos, matrices, types, norms, k_cache, v_cache, cos, sin, n_head, eps, logits, threads):
     """Run one token (its embedding x) at position pos through every layer, writing its keys and
     values to the caches and the next-token logits to `logits`. matrices[7i:7i+7] are layer i's
     q, k, v, output, gate, up, down; the last one is the output projection."""
     n_layer, _, n_head_kv, head_dim = k_cache.shape
+    chunks = 4 * threads  # smaller pieces than threads, so that a slow thread delays less
     q = np.empty(n_head * head_dim, np.float32)
     k, v = np.empty(n_head_kv * head_dim, np.float32), np.empty(n_head_kv * head_dim, np.float32)
     att, proj = np.empty(n_head * head_dim, np.float32), np.empty(x.shape[0], np.float32)
@@ -717,23 +782,48 @@ def _decode_token(x, pos, matrices, types, norms, k_cache, v_cache, cos, sin, n_
     for i in range(n_layer):
         m = 7 * i
         h = _rms_norm(x, norms[i, 0], eps)
-        _matvec(matrices[m], types[m], h, q, chunks)
-        _matvec(matrices[m + 1], types[m + 1], h, k, chunks)
-        _matvec(matrices[m + 2], types[m + 2], h, v, chunks)
+        hq, hd, hs = _quantize(h)
+        _matvec(matrices[m], types[m], h, hq, hd, hs, q, chunks)
+        _matvec(matrices[m + 1], types[m + 1], h, hq, hd, hs, k, chunks)
+        _matvec(matrices[m + 2], types[m + 2], h, hq, hd, hs, v, chunks)
         _rope(q, n_head, head_dim, cos, sin)
         _rope(k, n_head_kv, head_dim, cos, sin)
         k_cache[i, pos] = k.reshape(n_head_kv, head_dim)
         v_cache[i, pos] = v.reshape(n_head_kv, head_dim)
-        _attention(q, k_cache[i, :pos + 1], v_cache[i, :pos + 1], n_head, att)
-        _matvec(matrices[m + 3], types[m + 3], att, proj, chunks)
+        _attention(q, k_cache[i], v_cache[i], pos + 1, n_head, att, threads)
+        aq, ad, as_ = _quantize(att)
+        _matvec(matrices[m + 3], types[m + 3], att, aq, ad, as_, proj, chunks)
         x = x + proj
         h = _rms_norm(x, norms[i, 1], eps)
-        _matvec(matrices[m + 4], types[m + 4], h, gate, chunks)
-        _matvec(matrices[m + 5], types[m + 5], h, up, chunks)
+        hq, hd, hs = _quantize(h)
+        _matvec(matrices[m + 4], types[m + 4], h, hq, hd, hs, gate, chunks)
+        _matvec(matrices[m + 5], types[m + 5], h, hq, hd, hs, up, chunks)
         gate = gate / (np.float32(1) + np.exp(-gate)) * up
-        _matvec(matrices[m + 6], types[m + 6], gate, proj, chunks)
+        gq, gd, gs = _quantize(gate)
+        _matvec(matrices[m + 6], types[m + 6], gate, gq, gd, gs, proj, chunks)
         x = x + proj
-    _matvec(matrices[-1], types[-1], _rms_norm(x, norms[n_layer, 0], eps), logits, chunks)
+    h = _rms_norm(x, norms[n_layer, 0], eps)
+    hq, hd, hs = _quantize(h)
+    _matvec(matrices[-1], types[-1], h, hq, hd, hs, logits, chunks)
+
+
+_compiled = False
+
+
+def _compile_kernels():
+    """Compile the kernels (or load them from numba's disk cache) once per process, on a
+    one-layer toy model with the argument types a model passes, so that load() pays for it
+    rather than the first token. Tensor data are read-only views of the memory-mapped file."""
+    global _compiled
+    if _compiled:
+        return
+    matrix = np.zeros((1, 64), np.uint8)
+    matrix.setflags(write=False)
+    cache = np.zeros((1, 1, 1, 2), np.float32)
+    _decode_token(np.zeros(2, np.float32), 0, numba.typed.List([matrix] * 8), np.zeros(8, np.int64),
+                  np.ones((2, 2, 2), np.float32), cache, cache.copy(), np.ones(1, np.float32),
+                  np.zeros(1, np.float32), 1, 1e-5, np.zeros(1, np.float32), 1)
+    _compiled = True
 
 
 # ---------------------------------------------------------------------------
@@ -1124,6 +1214,7 @@ class Layer:
 
 
 PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
+SHORT_PROMPT = 32   # with numba, prompts shorter than this run token by token (measured crossover)
 
 
 class Model:
@@ -1179,7 +1270,10 @@ class Model:
         # generation runs on the compiled kernels when numba is there (set False to use numpy)
         self.use_numba = numba is not None
         self.threads = threads or default_threads()
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, not {self.threads}")
         if self.use_numba:
+            _compile_kernels()
             matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
             matrices.append(self.output)
             self._matrices = numba.typed.List([t.data.reshape(t.shape[0], -1) for t in matrices])
@@ -1267,9 +1361,12 @@ class Model:
                 break
             common += 1
         self.cache_ids = self.cache_ids[:common]
-        if len(ids) - common == 1:  # one new token (the next turn of a chat reuses the rest)
-            logits = self._next_logits(ids[-1], common)
-            self.cache_ids.append(ids[-1])
+        if len(ids) - common < (SHORT_PROMPT if self.use_numba else 2):
+            # a few tokens: one at a time through the kernels, cheaper than decoding every
+            # matrix to float32 for the matrix-matrix products below
+            for i in range(common, len(ids)):
+                logits = self._next_logits(ids[i], i)
+                self.cache_ids.append(ids[i])
             return logits
         for i in range(common, len(ids), PROMPT_BATCH):
             logits = self._forward(ids[i:i + PROMPT_BATCH], i, all_logits=False)
@@ -1283,11 +1380,11 @@ class Model:
         self._reserve(pos + 1)
         angles = pos * self.inv_freq
         logits = np.empty(self.config.n_vocab, np.float32)
-        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(threads)
         _decode_token(get_rows(self.token_embd, [token])[0], pos, self._matrices, self._types, self._norms,
                       self.k_cache, self.v_cache, np.cos(angles).astype(np.float32),
-                      np.sin(angles).astype(np.float32), self.config.n_head, self.config.norm_eps, logits,
-                      4 * self.threads)
+                      np.sin(angles).astype(np.float32), self.config.n_head, self.config.norm_eps, logits, threads)
         return logits
 
     def _reserve(self, n):
