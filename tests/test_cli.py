@@ -11,23 +11,24 @@ import pytest
 
 from twofile import run
 
-# Blocks every third-party import except numpy, as on a machine with only numpy installed.
-NUMPY_ONLY = """
+# Blocks third-party imports, as on a machine with only numpy (and maybe numba) installed.
+BLOCKED = ('jinja2', 'twofile', 'torch', 'transformers', 'gguf', 'numba', 'tokenizers', 'markupsafe')
+ALONE = """
 import sys, importlib.abc
-class OnlyNumpy(importlib.abc.MetaPathFinder):
+class Only(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        top = name.partition('.')[0]
-        if top in ('jinja2', 'twofile', 'torch', 'transformers', 'gguf', 'numba', 'tokenizers', 'markupsafe'):
+        if name.partition('.')[0] in {blocked!r}:
             raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, OnlyNumpy())
+sys.meta_path.insert(0, Only())
 sys.argv = ['run.py'] + sys.argv[1:]
 import runpy
 runpy.run_path('run.py', run_name='__main__')
 """
 
 
-def run_alone(folder, *args, stdin=None):
-    return subprocess.run([sys.executable, "-c", NUMPY_ONLY, *args], cwd=folder, input=stdin,
+def run_alone(folder, *args, stdin=None, allow=()):
+    code = ALONE.format(blocked=tuple(b for b in BLOCKED if b not in allow))
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=folder, input=stdin,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -45,6 +46,20 @@ def test_run_py_alone_with_numpy_only(tmp_path, tiny_gguf):
     assert chat.stdout.count("\n") >= 2
 
 
+@pytest.mark.skipif(run.numba is None, reason="numba is not installed")
+def test_run_py_alone_with_numba_writes_the_same_text(tmp_path, tiny_gguf):
+    """With numba importable, run.py compiles its kernels (caching them beside itself) and
+    greedy generation gives the numpy-only text."""
+    shutil.copy(run.__file__, tmp_path / "run.py")
+    shutil.copy(tiny_gguf[0], tmp_path / "model.gguf")
+    args = ["model.gguf", "-p", "The quick", "-n", "16", "--temperature", "0", "--threads", "2"]
+    fast, slow = run_alone(tmp_path, *args, allow=("numba",)), run_alone(tmp_path, *args)
+    assert fast.returncode == 0 and slow.returncode == 0, fast.stderr + slow.stderr
+    assert "(numba, 2 threads)" in fast.stderr and "(numpy)" in slow.stderr
+    assert fast.stdout == slow.stdout and fast.stdout
+    assert list((tmp_path / "__pycache__").glob("run.*.nbi"))  # the compiled kernels are cached
+
+
 def test_twofile_commands(tmp_path, tiny_gguf):
     env = {**os.environ, "PYTHONPATH": str(Path(run.__file__).parents[1])}
     cmd = [sys.executable, "-m", "twofile"]
@@ -56,6 +71,7 @@ def test_twofile_commands(tmp_path, tiny_gguf):
     assert chat.returncode == 0, chat.stderr
     for bad, message in ((["--top-p", "2"], "--top-p 2.0 is out of range"),
                          (["--temperature", "-1"], "--temperature -1.0 is out of range"),
+                         (["--threads", "0"], "--threads 0 is out of range"),
                          (["-p", ""], "no tokens to run: the prompt is empty")):
         r = subprocess.run([*cmd, "run", str(tiny_gguf[0]), *bad], capture_output=True, text=True, env=env)
         assert r.returncode == 1 and r.stderr.strip() == f"error: {message}", r.stderr

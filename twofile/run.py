@@ -1269,7 +1269,7 @@ class Model:
         self.finish_reason = None
         # generation runs on the compiled kernels when numba is there (set False to use numpy)
         self.use_numba = numba is not None
-        self.threads = threads or default_threads()
+        self.threads = default_threads() if threads is None else threads
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
         if self.use_numba:
@@ -1375,6 +1375,8 @@ class Model:
 
     def _next_logits(self, token, pos):
         """The logits after one more token at position pos (its keys and values are cached)."""
+        if pos >= self.n_ctx:  # the kernels do not check bounds: never write past the cache
+            raise ContextFull(f"position {pos} is past the context of {self.n_ctx} tokens")
         if not self.use_numba:
             return self._forward([token], pos, all_logits=False)[-1]
         self._reserve(pos + 1)
@@ -1539,6 +1541,7 @@ def add_generation_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=None, help="same seed, same output")
     p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     p.add_argument("--ctx-size", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, help="threads for generation (default: the cores available)")
     p.add_argument("--system", default=None, help="chat: a system message")
 
 
@@ -1546,7 +1549,8 @@ def _check_args(args):
     for name, ok in (("max_tokens", args.max_tokens >= 0), ("temperature", args.temperature >= 0),
                      ("top_k", args.top_k >= 0), ("top_p", 0 < args.top_p <= 1),
                      ("min_p", 0 <= args.min_p < 1), ("repeat_penalty", args.repeat_penalty > 0),
-                     ("ctx_size", args.ctx_size is None or args.ctx_size > 0)):
+                     ("ctx_size", args.ctx_size is None or args.ctx_size > 0),
+                     ("threads", args.threads is None or args.threads > 0)):
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
 
@@ -1577,7 +1581,7 @@ def run_prompt(path: str, args) -> None:
     """`run`: continue a prompt, streaming the text to stdout and timings to stderr."""
     _check_args(args)
     t0 = time.perf_counter()
-    model = load(path, args.ctx_size)
+    model = load(path, args.ctx_size, args.threads)
     t_load = time.perf_counter() - t0
     ids = model.tokenize(args.prompt)
     t0 = time.perf_counter()
@@ -1585,7 +1589,8 @@ def run_prompt(path: str, args) -> None:
     t_total = time.perf_counter() - t0
     t_prompt = t_total - t_gen
     print(file=sys.stderr)
-    print(f"load {t_load:.2f} s | prompt {len(ids)} tokens, {len(ids) / max(t_prompt, 1e-9):.1f} tok/s | "
+    kernels = f"numba, {model.threads} threads" if model.use_numba else "numpy"
+    print(f"load {t_load:.2f} s ({kernels}) | prompt {len(ids)} tokens, {len(ids) / max(t_prompt, 1e-9):.1f} tok/s | "
           f"generation {n} tokens, {max(n - 1, 0) / max(t_gen, 1e-9):.1f} tok/s | "
           f"stop: {model.finish_reason}", file=sys.stderr)
 
@@ -1593,7 +1598,7 @@ def run_prompt(path: str, args) -> None:
 def run_chat(path: str, args) -> None:
     """`chat`: an interactive conversation with the model's chat template."""
     _check_args(args)
-    model = load(path, args.ctx_size)
+    model = load(path, args.ctx_size, args.threads)
     render_chat(model.metadata, [{"role": "user", "content": "hi"}])  # fail early on a bad template
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()

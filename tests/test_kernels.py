@@ -1,0 +1,145 @@
+"""The compiled kernels (numba) against the numpy path and transformers: every tensor type,
+odd shapes, threads, one-token prompts and a full context. The numpy path itself is checked
+against transformers in test_model.py; here both paths must agree."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import bpe_metadata, gguf, random_blocks, tiny_llama, write_llama_gguf
+from twofile import run
+
+Q = gguf.GGMLQuantizationType
+FLOATS = [Q.F32, Q.F16, Q.BF16]
+QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+pytestmark = pytest.mark.skipif(run.numba is None, reason="numba is not installed")
+
+
+def raw_matrix(qtype, rows, cols, rng):
+    """(file bytes (rows, row_bytes), the float32 weights they hold per gguf.quants)."""
+    if qtype == Q.F32:
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        return w.view(np.uint8), w
+    if qtype in (Q.F16, Q.BF16):
+        raw = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+        raw = np.ascontiguousarray(raw).view(np.uint8).reshape(rows, -1)
+    else:
+        raw = random_blocks(qtype, rows * cols // gguf.GGML_QUANT_SIZES[qtype][0], rng).reshape(rows, -1)
+    return raw, gguf.quants.dequantize(raw, qtype)
+
+
+@pytest.mark.parametrize("qtype", FLOATS + QUANTIZED, ids=lambda q: q.name)
+@pytest.mark.parametrize("rows", [1, 3, 67, 1029])
+def test_matvec_every_type_and_odd_row_counts(qtype, rows):
+    """Rows that are no multiple of the chunks or threads, down to a single row; x with
+    outliers and a block of zeros. Oracle: gguf.quants' decoder and a float64 product."""
+    rng = np.random.default_rng(rows + int(qtype))
+    cols = 512
+    raw, w = raw_matrix(qtype, rows, cols, rng)
+    x = rng.standard_normal(cols).astype(np.float32)
+    x[5] = 40.0
+    x[64:96] = 0.0
+    expected = w.astype(np.float64) @ x.astype(np.float64)
+    scale = np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)  # size of the terms
+    for threads in (1, 2, 3):
+        out = np.full(rows, np.nan, np.float32)
+        run._matvec(raw, int(qtype), x, *run._quantize(x), out, 4 * threads)
+        # floats: float32 rounding; quantized: x rounded to 16 bits (error <= 1/65534 of a block's max)
+        tolerance = 1e-6 if qtype in FLOATS else 5e-5
+        assert np.all(np.abs(out - expected) <= tolerance * scale.max())
+
+
+def test_half_conversion_every_bit_pattern():
+    """The kernels' IEEE half decoding equals numpy's on all 65,536 patterns (subnormals, inf, nan)."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    ours = np.empty(1 << 16, np.float32)
+    raw = bits.view(np.uint8)
+
+    @run.numba.njit
+    def decode(raw, out):
+        for i in range(out.shape[0]):
+            out[i] = run._half(raw, 2 * i)
+
+    decode(raw, ours)
+    theirs = bits.view(np.float16).astype(np.float32)
+    assert np.array_equal(ours.view(np.uint32)[~np.isnan(theirs)], theirs.view(np.uint32)[~np.isnan(theirs)])
+    assert np.array_equal(np.isnan(ours), np.isnan(theirs))
+
+
+def decode_logits(m, ids, use_numba):
+    """Logits after each token, fed one at a time through the KV cache."""
+    m.use_numba, m.cache_ids = use_numba, []
+    rows = []
+    for pos, token in enumerate(ids):
+        rows.append(m._next_logits(token, pos))
+        m.cache_ids.append(token)
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("qtype", FLOATS + QUANTIZED, ids=lambda q: q.name)
+def test_both_paths_same_logits_every_type(tmp_path, bpe_tokenizer, qtype):
+    """A model whose every matrix has this type: numba and numpy decode agree, and both match
+    transformers (running the weights gguf.quants decodes from the file)."""
+    model = tiny_llama(tie=False, hidden=256, ff=512, n_head=4, n_head_kv=1)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"), qtype=qtype)
+    m = run.load(path, threads=2)
+    assert m.layers[0].w_down.type == qtype and m.output.type == qtype
+    ids = list(np.random.default_rng(3).integers(0, 320, 12))
+    fast, slow = decode_logits(m, ids, True), decode_logits(m, ids, False)
+    with torch.no_grad():
+        oracle = model(torch.tensor([ids])).logits[0].numpy()
+    scale = max(1.0, np.abs(oracle).max())
+    assert np.abs(slow - oracle).max() <= 1e-4 * scale
+    # float types: float32 rounding only; quantized: the 16-bit activations (see run.py)
+    assert np.abs(fast - slow).max() <= (1e-5 if qtype in FLOATS else 1e-3) * scale
+    assert np.abs(fast - oracle).max() <= (1e-4 if qtype in FLOATS else 1e-3) * scale
+
+
+def test_one_token_prompt_and_full_context(tmp_path, bpe_tokenizer):
+    """A prompt of one token, generation up to the last position of the context, with odd
+    head counts (GQA group 3) and threads that do not divide the heads; every greedy token is
+    transformers' argmax and the last logits match."""
+    model = tiny_llama(tie=True, n_head=6, n_head_kv=2, hidden=96, ff=160, ctx=40)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
+    m = run.load(path, threads=4)
+    assert m.use_numba
+    prompt = [7]
+    out = list(m.generate(prompt, max_tokens=100, temperature=0))
+    assert m.finish_reason in ("context", "eos")
+    ids = prompt + out
+    with torch.no_grad():
+        oracle = model(torch.tensor([ids])).logits[0].numpy()
+    for step, token in enumerate(out):
+        row = oracle[step]
+        assert row[token] >= row.max() - 1e-4
+    if m.finish_reason == "context":
+        assert len(m.cache_ids) == 40
+        last = m._prefill(ids[:40])  # the cache holds 39 of these: only the last one runs, at position 39
+        assert np.abs(last - oracle[39]).max() <= 1e-4 * max(1.0, np.abs(oracle).max())
+        with pytest.raises(run.ContextFull):  # a position past the cache is refused, never written
+            m._next_logits(ids[40], 40)
+
+
+def test_short_and_long_prompts_take_the_same_path_to_the_same_logits(tmp_path, bpe_tokenizer, monkeypatch):
+    """Prompts under SHORT_PROMPT run token by token through the kernels, longer ones through
+    numpy's matrix products; the cache they leave behind is the same."""
+    model = tiny_llama(tie=False, hidden=64, ff=96)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
+    ids = list(np.random.default_rng(4).integers(0, 320, 20))
+    results = []
+    for short in (100, 1):
+        monkeypatch.setattr(run, "SHORT_PROMPT", short)
+        m = run.load(path)
+        results.append((m._prefill(ids), m._next_logits(9, len(ids))))
+    assert np.abs(results[0][0] - results[1][0]).max() <= 1e-4
+    assert np.abs(results[0][1] - results[1][1]).max() <= 1e-4
+
+
+def test_threads_argument(tmp_path, tiny_gguf):
+    path, _ = tiny_gguf
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        run.load(path, threads=0)
+    a, b = run.load(path, threads=1), run.load(path, threads=64)  # more than the cores: capped
+    ids = a.tokenize("The quick brown fox")
+    assert list(a.generate(ids, 8, temperature=0)) == list(b.generate(ids, 8, temperature=0))
