@@ -1,12 +1,19 @@
 """Speed and memory of run.py on GGUF files, against this machine's memory bandwidth.
 
-    python bench/run_speed.py                      # the default model (SmolLM2-135M Q4_1)
+    python bench/run_speed.py                      # the default set below, with a chart
     python bench/run_speed.py a.gguf b.gguf --runs 5 --gen-tokens 128
 
-For each file: load time (fresh process), prompt processing of a 512-token prompt,
-generation of 128 tokens (medians over --runs), peak RSS of a process that loads the
-model and generates, and decode speed as a fraction of the bandwidth roofline: bandwidth
-measured in the same run / bytes of weights read per generated token.
+The default set: the default model (SmolLM2-135M-Instruct, Q4_1) and the same weights
+re-encoded as Q8_0, F16 and F32; then files with the shapes of Llama-3.2-1B (Q4_K/Q6_K mix as
+llama.cpp's Q4_K_M, and Q8_0) and Llama-2-7B (Q4_K) with random weights and a real-looking
+tokenizer section, built with the gguf package into ~/.cache/twofile/bench (about 6 GB, once).
+
+For each file: load time (fresh process, kernels from numba's disk cache), prompt processing
+(512 tokens; 128 for files over 1 GB), generation (--gen-tokens; 16 for files over 1 GB),
+medians over --runs; peak RSS of a fresh process that loads the model and generates; and
+generation speed as a fraction of the bandwidth roofline: bandwidth measured in the same run /
+bytes of weights read per generated token. The chart (tok/s against weights read per token,
+with the roofline) goes to bench/run_speed.png.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from twofile import assets, run  # noqa: E402
 
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based ink and a wooden press. ")
+BIG = 1e9  # bytes: files over this get shorter prompt and generation runs
+# llama.cpp b11312, llama-bench, 2 threads, on the 2-core development machine (the issue's figures)
+LLAMA_CPP = {"Q4_1": (274, 124), "Q8_0": (658, 110), "F32": (454, 51)}
 
 
 def memory_bandwidth(runs: int) -> float:
@@ -51,6 +61,173 @@ def bytes_per_token(model: run.Model) -> int:
     return total
 
 
+# -- the files ---------------------------------------------------------------------------------
+
+def reencode(source: Path, qtype, out: Path) -> Path:
+    """The default model with every matrix decoded and written again as qtype (gguf.quants)."""
+    import gguf
+
+    if out.exists():
+        return out
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(out) + ".tmp", "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue
+        value = field.contents()
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(field.name, value, field.types[0], sub_type=field.types[-1])
+        else:
+            writer.add_key_value(field.name, value, field.types[0])
+    model = run.load(str(source))
+    for name, info in model.gguf.tensors.items():
+        w = run.dequantize(info.data.reshape(info.shape[0], -1) if len(info.shape) == 2 else info.data.reshape(1, -1),
+                           info.type).reshape(info.shape)
+        if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, w.astype(np.float32))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+    _finish(writer, out)
+    return out
+
+
+def _finish(writer, out: Path):
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(str(out) + ".tmp", out)
+
+
+def _random_quantized(qtype, rows: int, cols: int, rng) -> np.ndarray:
+    """Random blocks of qtype with small, finite f16 scales (speed does not depend on values)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.frombuffer(rng.bytes(rows * cols // block * size), np.uint8).reshape(-1, size).copy()
+    Q = gguf.GGMLQuantizationType
+    for at in {Q.Q4_K: [0, 2], Q.Q6_K: [size - 2], Q.Q8_0: [0]}[qtype]:
+        raw[:, at:at + 2] = np.array([0.002 if qtype != Q.Q8_0 else 0.0004], np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def _tokenizer(vocab: int, kind: str) -> dict:
+    """A tokenizer section with `vocab` tokens built from SmolLM2's: Llama 3's byte-level BPE
+    layout (padded with reserved special tokens), or Llama 2's SentencePiece layout (byte
+    tokens, '▁' for spaces, scores)."""
+    meta = run.read_gguf(str(assets.fetch(assets.DEFAULT_MODEL))).metadata
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    if kind == "gpt2":
+        pad = [f"<|reserved_special_token_{i}|>" for i in range(vocab - len(tokens))]
+        return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+                "tokenizer.ggml.tokens": tokens + pad,
+                "tokenizer.ggml.token_type": meta["tokenizer.ggml.token_type"] + [3] * len(pad),
+                "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    decode = {c: b for b, c in run._byte_to_unicode().items()}
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    seen = set(pieces)
+    for t in tokens[256:]:
+        try:
+            text = bytes(decode[c] for c in t).decode("utf-8").replace(" ", "\u2581")
+        except (KeyError, UnicodeDecodeError):
+            continue
+        if text and text not in seen:
+            seen.add(text)
+            pieces.append(text)
+        if len(pieces) == vocab:
+            break
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 259)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
+            "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(pieces) - 259)],
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+
+
+def _add_tokenizer(writer, keys: dict):
+    import gguf
+
+    for key, value in keys.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif key.endswith("token_type"):
+            writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+        else:
+            writer.add_array(key, value)
+
+
+SHAPES = {  # name: (layers, embd, heads, kv heads, ffn, vocab, tied, tokenizer)
+    "llama-3.2-1b": (16, 2048, 32, 8, 8192, 128256, True, "gpt2"),
+    "llama-2-7b": (32, 4096, 32, 32, 11008, 32000, False, "llama"),
+}
+
+
+def synthetic(shape: str, mix: str, out: Path) -> Path:
+    """A GGUF file with a real model's shapes and random weights. mix: 'q4_k_m' (Q4_K, with
+    Q6_K for the output and, in the layers llama.cpp picks, attn_v and ffn_down), 'q4_k'
+    (Q4_K, Q6_K output) or 'q8_0'."""
+    import gguf
+
+    if out.exists():
+        return out
+    Q = gguf.GGMLQuantizationType
+    n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, tied, kind = SHAPES[shape]
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(out) + ".tmp", "llama")
+    writer.add_name(f"random {shape} {mix}")
+    for key, value in (("context_length", 4096), ("embedding_length", n_embd), ("block_count", n_layer),
+                       ("feed_forward_length", n_ff), ("attention.head_count", n_head),
+                       ("attention.head_count_kv", n_head_kv), ("rope.dimension_count", n_embd // n_head),
+                       ("vocab_size", n_vocab)):
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.rope.freq_base", 500000.0 if kind == "gpt2" else 10000.0)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    _add_tokenizer(writer, _tokenizer(n_vocab, kind))
+
+    def more_bits(i):  # llama.cpp's use_more_bits(): first and last eighth, every third between
+        return i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2
+
+    def matrix(name, rows, cols, layer=None):
+        qtype = Q.Q8_0 if mix == "q8_0" else Q.Q4_K
+        if mix != "q8_0" and (name == ("token_embd" if tied else "output") or
+                              (mix == "q4_k_m" and name in ("attn_v", "ffn_down") and more_bits(layer))):
+            qtype = Q.Q6_K
+        full = f"blk.{layer}.{name}.weight" if layer is not None else f"{name}.weight"
+        writer.add_tensor(full, _random_quantized(qtype, rows, cols, rng), raw_dtype=qtype)
+
+    matrix("token_embd", n_vocab, n_embd)
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    if not tied:
+        matrix("output", n_vocab, n_embd)
+    head_dim = n_embd // n_head
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
+        for name, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", n_head_kv * head_dim, n_embd),
+                                 ("attn_v", n_head_kv * head_dim, n_embd), ("attn_output", n_embd, n_embd),
+                                 ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
+            matrix(name, rows, cols, i)
+    _finish(writer, out)
+    return out
+
+
+def default_files() -> list[Path]:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    folder = assets.cache_dir() / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    source = assets.fetch(assets.DEFAULT_MODEL)
+    files = [source] + [reencode(source, q, folder / f"SmolLM2-135M-Instruct.{q.name}.gguf")
+                        for q in (Q.Q8_0, Q.F16, Q.F32)]
+    files += [synthetic("llama-3.2-1b", mix, folder / f"random-llama-3.2-1b.{mix.upper()}.gguf")
+              for mix in ("q4_k_m", "q8_0")]
+    files.append(synthetic("llama-2-7b", "q4_k", folder / "random-llama-2-7b.Q4_K.gguf"))
+    return files
+
+
+# -- the measurements ---------------------------------------------------------------------------
+
 CHILD = """
 import json, sys, time
 t = time.perf_counter()
@@ -62,22 +239,24 @@ m.tokenizer.eog_ids = set()
 list(m.generate(m.tokenize("Hello"), max_tokens={n}, temperature=0))
 # VmHWM, not ru_maxrss: the latter can carry the parent's peak across vfork + exec
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
-print(json.dumps({{"load": load, "rss": int(hwm.split()[1]) * 1024}}))
+print(json.dumps({{"load": load, "rss": int(hwm.split()[1]) * 1024, "kv": m.k_cache.nbytes * 2}}))
 """
 
 
-def child_load_and_rss(path: str, gen_tokens: int) -> dict:
-    code = CHILD.format(root=str(Path(__file__).resolve().parents[1]), path=path, n=gen_tokens)
+def child_load_and_rss(path: Path, gen_tokens: int) -> dict:
+    code = CHILD.format(root=str(Path(__file__).resolve().parents[1]), path=str(path), n=gen_tokens)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_file(path: str, runs: int, gen_tokens: int, bandwidth: float) -> dict:
+def bench_file(path: Path, runs: int, gen_tokens: int, bandwidth: float) -> dict:
+    big = path.stat().st_size > BIG
+    prompt_tokens, gen_tokens = (128, 16) if big else (512, gen_tokens)
     children = [child_load_and_rss(path, 16) for _ in range(runs)]
-    model = run.load(path)
-    prompt = model.tokenize(PROMPT * 40)[:512]
+    model = run.load(str(path))
+    prompt = model.tokenize(PROMPT * 40)[:prompt_tokens]
     pp = []
-    for _ in range(runs):
+    for _ in range(1 if big else runs):
         model.cache_ids = []  # no prefix reuse: the whole prompt runs each time
         t = time.perf_counter()
         model._prefill(prompt)
@@ -85,19 +264,21 @@ def bench_file(path: str, runs: int, gen_tokens: int, bandwidth: float) -> dict:
     model.tokenizer.eog_ids = set()  # generate exactly gen_tokens
     tg = []
     for _ in range(runs):
-        gen = model.generate(model.tokenize("Once upon a time"), max_tokens=gen_tokens, temperature=0)
+        gen = model.generate(model.tokenize("Once upon a time"), max_tokens=gen_tokens + 1, temperature=0)
         next(gen)  # the prompt and the first token are not generation speed
         t = time.perf_counter()
         n = sum(1 for _ in gen)
         tg.append(n / (time.perf_counter() - t))
     per_token = bytes_per_token(model)
     roofline = bandwidth * 1e9 / per_token
-    return {"file": Path(path).name, "size_mb": os.path.getsize(path) / 1e6,
+    types = sorted({t.type_name for t in model.gguf.tensors.values() if len(t.shape) == 2})
+    return {"file": path.name, "types": "/".join(types), "size_mb": path.stat().st_size / 1e6,
             "load_s": statistics.median(c["load"] for c in children),
-            "prompt_tok_s": statistics.median(pp), "gen_tok_s": statistics.median(tg),
+            "prompt_tokens": len(prompt), "prompt_tok_s": statistics.median(pp),
+            "gen_tokens": gen_tokens, "gen_tok_s": statistics.median(tg),
             "weights_mb_per_token": per_token / 1e6, "roofline_tok_s": roofline,
             "roofline_fraction": statistics.median(tg) / roofline,
-            "peak_rss_mb": max(c["rss"] for c in children) / 1e6}
+            "peak_rss_mb": max(c["rss"] for c in children) / 1e6, "kv_mb": children[0]["kv"] / 1e6}
 
 
 def machine() -> str:
@@ -109,27 +290,62 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, numpy {np.__version__}, Python {platform.python_version()}"
+    kernels = f"numba {run.numba.__version__}" if run.numba else "numpy only"
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, {kernels}, numpy {np.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def chart(results: list[dict], bandwidth: float, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = np.geomspace(50, 10000, 100)
+    ax.plot(sizes, bandwidth * 1e3 / sizes, "k--", lw=1, label=f"roofline ({bandwidth:.0f} GB/s)")
+    for r in results:
+        ax.plot(r["weights_mb_per_token"], r["gen_tok_s"], "o", label=f"{r['file']} ({r['roofline_fraction']:.0%})")
+    for name, (_, tg) in LLAMA_CPP.items():
+        match = [r for r in results if r["file"] == f"SmolLM2-135M-Instruct.{name}.gguf"]
+        if match:
+            ax.plot(match[0]["weights_mb_per_token"], tg, "kx")
+    ax.plot([], [], "kx", label="llama.cpp, same file type (2 threads)")
+    ax.set(xscale="log", yscale="log", xlabel="weights read per token (MB)", ylabel="generation (tok/s)",
+           title="run.py generation speed, 2 threads")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("models", nargs="*", help="GGUF files (default: the default model)")
+    p.add_argument("models", nargs="*", help="GGUF files (default: the set described above)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--gen-tokens", type=int, default=128)
     args = p.parse_args()
-    models = args.models or [str(assets.fetch(assets.DEFAULT_MODEL))]
+    files = [Path(m) for m in args.models] if args.models else default_files()
     print(f"machine: {machine()}")
     bandwidth = memory_bandwidth(5)
     print(f"memory bandwidth (numpy copy of 1 GiB, read + write): {bandwidth:.1f} GB/s")
-    header = ("file", "MB", "load s", "pp512 tok/s", f"tg{args.gen_tokens} tok/s", "MB/token", "roofline tok/s",
-              "of roofline", "peak RSS MB")
-    print(" | ".join(header))
-    for path in models:
+    print("file | types | MB | load s | prompt tok/s | generation tok/s | MB/token | roofline tok/s | "
+          "of roofline | peak RSS MB (file + KV + other)")
+    results = []
+    for path in files:
         r = bench_file(path, args.runs, args.gen_tokens, bandwidth)
-        print(f"{r['file']} | {r['size_mb']:.0f} | {r['load_s']:.2f} | {r['prompt_tok_s']:.1f} | "
-              f"{r['gen_tok_s']:.2f} | {r['weights_mb_per_token']:.0f} | {r['roofline_tok_s']:.0f} | "
-              f"{r['roofline_fraction']:.1%} | {r['peak_rss_mb']:.0f}", flush=True)
+        results.append(r)
+        print(f"{r['file']} | {r['types']} | {r['size_mb']:.0f} | {r['load_s']:.2f} | "
+              f"{r['prompt_tok_s']:.1f} (pp{r['prompt_tokens']}) | {r['gen_tok_s']:.2f} (tg{r['gen_tokens']}) | "
+              f"{r['weights_mb_per_token']:.0f} | {r['roofline_tok_s']:.1f} | {r['roofline_fraction']:.1%} | "
+              f"{r['peak_rss_mb']:.0f} ({r['size_mb']:.0f} + {r['kv_mb']:.0f} + "
+              f"{r['peak_rss_mb'] - r['size_mb'] - r['kv_mb']:.0f})", flush=True)
+    for name, (pp, tg) in LLAMA_CPP.items():
+        print(f"llama.cpp (issue figures) {name}: pp512 {pp} tok/s, tg128 {tg} tok/s")
+    if not args.models:
+        out = Path(__file__).with_suffix(".png")
+        chart(results, bandwidth, out)
+        print(f"chart: {out}")
 
 
 if __name__ == "__main__":

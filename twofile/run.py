@@ -663,28 +663,41 @@ def _row_q6_k(w, xq, xd, xsum):
 
 
 @_jit
-def _row(w, ggml_type, x, xq, xd, xsum):
+def _rows(w, ggml_type, x, xq, xd, xsum, out, first, last):
+    """out[r] = row r of w . x for first <= r < last; one type test per call, not per row."""
     if ggml_type == 0:
-        return _row_f32(w, x)
-    if ggml_type == 1:
-        return _row_f16(w, x)
-    if ggml_type == 30:
-        return _row_bf16(w, x)
-    if ggml_type == 8:
-        return _row_q8_0(w, xq, xd, xsum)
-    if ggml_type == 2:
-        return _row_q4_0(w, xq, xd, xsum)
-    if ggml_type == 3:
-        return _row_q4_1(w, xq, xd, xsum)
-    if ggml_type == 6:
-        return _row_q5_0(w, xq, xd, xsum)
-    if ggml_type == 7:
-        return _row_q5_1(w, xq, xd, xsum)
-    if ggml_type == 12:
-        return _row_q4_k(w, xq, xd, xsum)
-    if ggml_type == 13:
-        return _row_q5_k(w, xq, xd, xsum)
-    return _row_q6_k(w, xq, xd, xsum)
+        for r in range(first, last):
+            out[r] = _row_f32(w[r], x)
+    elif ggml_type == 1:
+        for r in range(first, last):
+            out[r] = _row_f16(w[r], x)
+    elif ggml_type == 30:
+        for r in range(first, last):
+            out[r] = _row_bf16(w[r], x)
+    elif ggml_type == 8:
+        for r in range(first, last):
+            out[r] = _row_q8_0(w[r], xq, xd, xsum)
+    elif ggml_type == 2:
+        for r in range(first, last):
+            out[r] = _row_q4_0(w[r], xq, xd, xsum)
+    elif ggml_type == 3:
+        for r in range(first, last):
+            out[r] = _row_q4_1(w[r], xq, xd, xsum)
+    elif ggml_type == 6:
+        for r in range(first, last):
+            out[r] = _row_q5_0(w[r], xq, xd, xsum)
+    elif ggml_type == 7:
+        for r in range(first, last):
+            out[r] = _row_q5_1(w[r], xq, xd, xsum)
+    elif ggml_type == 12:
+        for r in range(first, last):
+            out[r] = _row_q4_k(w[r], xq, xd, xsum)
+    elif ggml_type == 13:
+        for r in range(first, last):
+            out[r] = _row_q5_k(w[r], xq, xd, xsum)
+    else:
+        for r in range(first, last):
+            out[r] = _row_q6_k(w[r], xq, xd, xsum)
 
 
 @_jit
@@ -713,8 +726,7 @@ def _matvec(w, ggml_type, x, xq, xd, xsum, out, chunks):
     rows = w.shape[0]
     chunks = min(rows, chunks)
     for c in _prange(chunks):
-        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
-            out[r] = _row(w[r], ggml_type, x, xq, xd, xsum)
+        _rows(w, ggml_type, x, xq, xd, xsum, out, c * rows // chunks, (c + 1) * rows // chunks)
 
 
 @_jit
