@@ -415,11 +415,6 @@ if numba is not None:
             mask = [0] * n
         return builder.shuffle_vector(value, _ir.Constant(value.type, None), _ir.Constant(_vec(_I32, n), mask))
 
-    def _bytes_field(builder, v, shift, mask, n):
-        """(v >> shift) & mask on a vector of n bytes; shift and mask are int64 values."""
-        return builder.and_(builder.lshr(v, _splat(builder, builder.trunc(shift, _I8), n)),
-                            _splat(builder, builder.trunc(mask, _I8), n))
-
     def _accumulate(context, builder, acc, q, signed, offset, xq_type, xq, xo, scales):
         """acc + scales * (pairwise sums of (q - offset) * xq[xo:xo+32]), q 32 bytes; LLVM turns
         the multiply and pairwise add into one vpmaddwd (pmaddwd, smlal on other CPUs)."""
@@ -456,6 +451,18 @@ if numba is not None:
                                                       fnty=_ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]))
             return builder.call(reduce, [_ir.Constant(_F32, 0.0), args[0]], fastmath=("reassoc",))
         return numba.types.float32(acc), codegen
+
+    @_intrinsic
+    def _prefetch(typingctx, w, o):
+        """Ask for the cache line at byte o of w ahead of its use (never faults, even past the end)."""
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            prefetch = builder.module.declare_intrinsic(
+                "llvm.prefetch.p0", fnty=_ir.FunctionType(_ir.VoidType(), [data.type, _I32, _I32, _I32]))
+            builder.call(prefetch, [builder.gep(data, [args[1]]), _ir.Constant(_I32, 0), _ir.Constant(_I32, 3),
+                                    _ir.Constant(_I32, 1)])
+            return context.get_dummy_value()
+        return numba.types.none(w, o), codegen
 
     @_intrinsic
     def _half(typingctx, w, o):
@@ -495,20 +502,61 @@ if numba is not None:
         return _lanes(acc, w, o, high, xq, xo, scale, offset), codegen
 
     @_intrinsic
-    def _add_fields(typingctx, acc, w, o1, s1, m1, o2, s2, m2, xq, xo, scale_low, scale_high, offset):
-        """Lanes += scales * block . xq[xo:xo+32] for 32 weights of a K type:
-        q[l] = ((w[o1+l] >> s1) & m1) | (((w[o2+l] >> s2) & m2) << 4) - offset, where the second
-        field holds Q5_K's fifth bit or Q6_K's two high bits (m2 = 0: none). Weights 0-15
-        are scaled by scale_low, 16-31 by scale_high (Q6_K has a scale per 16)."""
+    def _add_k_pair(typingctx, acc, w, o, high, bit, xq, xo, scale_low, scale_high):
+        """Lanes += two 32-weight sub-blocks of Q4_K/Q5_K that share 32 bytes at o: the low
+        nibbles times xq[xo:xo+32] scaled by scale_low, the high nibbles times xq[xo+32:xo+64]
+        scaled by scale_high. For Q5_K (high >= 0) bits `bit` and bit+1 of the 32 bytes at
+        `high` are the fifth bits of the two sub-blocks."""
         def codegen(context, builder, signature, args):
-            acc_, w_, o1_, s1_, m1_, o2_, s2_, m2_, xq_, xo_, low_, high_, offset_ = args
-            wt = signature.args[1]
-            first = _bytes_field(builder, _load(context, builder, wt, w_, o1_, _I8, 32), s1_, m1_, 32)
-            second = _bytes_field(builder, _load(context, builder, wt, w_, o2_, _I8, 32), s2_, m2_, 32)
-            q = builder.or_(first, builder.shl(second, _ir.Constant(_vec(_I8, 32), [4] * 32)))
-            scales = _two_scales(builder, low_, high_)
-            return _accumulate(context, builder, acc_, q, False, offset_, signature.args[8], xq_, xo_, scales)
-        return _lanes(acc, w, o1, s1, m1, o2, s2, m2, xq, xo, scale_low, scale_high, offset), codegen
+            acc_, w_, o_, high_, bit_, xq_, xo_, low_, top_ = args
+            wt, xt = signature.args[1], signature.args[5]
+            i8x32 = _vec(_I8, 32)
+            packed = _load(context, builder, wt, w_, o_, _I8, 32)
+            is_q5 = builder.icmp_signed(">=", high_, _ir.Constant(high_.type, 0))
+            fifth = _load(context, builder, wt, w_, builder.select(is_q5, high_, o_), _I8, 32)
+            one = _splat(builder, builder.zext(is_q5, _I8), 32)  # 1 for Q5_K, 0 for Q4_K
+            four = _ir.Constant(i8x32, [4] * 32)
+
+            def nibbles(shift, bit):
+                q = builder.and_(builder.lshr(packed, _ir.Constant(i8x32, [shift] * 32)), _ir.Constant(i8x32, [15] * 32))
+                b = builder.and_(builder.lshr(fifth, _splat(builder, builder.trunc(bit, _I8), 32)), one)
+                return builder.or_(q, builder.shl(b, four))
+
+            zero = _ir.Constant(_ir.IntType(64), 0)
+            bit1 = builder.add(bit_, _ir.Constant(bit_.type, 1))
+            acc_ = _accumulate(context, builder, acc_, nibbles(0, bit_), False, zero, xt, xq_, xo_,
+                               _splat(builder, low_, 16))
+            xo32 = builder.add(xo_, _ir.Constant(xo_.type, 32))
+            return _accumulate(context, builder, acc_, nibbles(4, bit1), False, zero, xt, xq_, xo32,
+                               _splat(builder, top_, 16))
+        return _lanes(acc, w, o, high, bit, xq, xo, scale_low, scale_high), codegen
+
+    @_intrinsic
+    def _add_q6_half(typingctx, acc, w, ql, qh, xq, xo, s0, s1, s2, s3, s4, s5, s6, s7):
+        """Lanes += 128 weights of a Q6_K block times xq[xo:xo+128]: weight 32k+l (k < 4,
+        l < 32) is (nibble k >> 1 of byte ql+32*(k&1)+l) | (bits 2k, 2k+1 of byte qh+l) << 4,
+        minus 32, scaled by s[2k] (l < 16) or s[2k+1] (l >= 16)."""
+        def codegen(context, builder, signature, args):
+            acc_, w_, ql_, qh_, xq_, xo_ = args[:6]
+            scales = args[6:]
+            wt, xt = signature.args[1], signature.args[4]
+            i8x32 = _vec(_I8, 32)
+
+            def const(v):
+                return _ir.Constant(i8x32, [v] * 32)
+
+            a = _load(context, builder, wt, w_, ql_, _I8, 32)
+            c = _load(context, builder, wt, w_, builder.add(ql_, _ir.Constant(ql_.type, 32)), _I8, 32)
+            h = _load(context, builder, wt, w_, qh_, _I8, 32)
+            thirty_two = _ir.Constant(_ir.IntType(64), 32)
+            for k, low in enumerate((a, c, a, c)):
+                nibble = builder.and_(builder.lshr(low, const(4 * (k >> 1))), const(15))
+                high = builder.shl(builder.and_(builder.lshr(h, const(2 * k)), const(3)), const(4))
+                xo_k = builder.add(xo_, _ir.Constant(xo_.type, 32 * k))
+                acc_ = _accumulate(context, builder, acc_, builder.or_(nibble, high), False, thirty_two,
+                                   xt, xq_, xo_k, _two_scales(builder, scales[2 * k], scales[2 * k + 1]))
+            return acc_
+        return _lanes(acc, w, ql, qh, xq, xo, s0, s1, s2, s3, s4, s5, s6, s7), codegen
 
     @_intrinsic
     def _add_int8(typingctx, acc, w, o, xq, xo, scale):
@@ -534,6 +582,9 @@ else:  # nothing below is called without numba; the definitions still read as Py
 
 # One function per tensor type: the dot product of one row (its bytes w) with x, where xq holds
 # x as 16-bit integers, xd the scale of each 32-block of them and xsum their sums per 32.
+# Each asks for the bytes PREFETCH ahead (the rows of a thread's share are contiguous, so
+# that is this row or the next): the hardware prefetchers alone left ~40% of the time waiting.
+PREFETCH = 2048
 
 @_jit
 def _row_f32(w, x):
@@ -564,6 +615,7 @@ def _row_bf16(w, x):
 def _row_q8_0(w, xq, xd, xsum):  # 34 bytes: d, 32 int8
     acc = _zeros()
     for b in range(xq.shape[0] // 32):
+        _prefetch(w, 34 * b + PREFETCH)
         acc = _add_int8(acc, w, 34 * b + 2, xq, 32 * b, _half(w, 34 * b) * xd[b])
     return _total(acc)
 
@@ -572,6 +624,7 @@ def _row_q8_0(w, xq, xd, xsum):  # 34 bytes: d, 32 int8
 def _row_q4_0(w, xq, xd, xsum):  # 18 bytes: d, 16 bytes of nibbles; weight = d * (q - 8)
     acc = _zeros()
     for b in range(xq.shape[0] // 32):
+        _prefetch(w, 18 * b + PREFETCH)
         acc = _add_nibbles(acc, w, 18 * b + 2, -1, xq, 32 * b, _half(w, 18 * b) * xd[b], 8)
     return _total(acc)
 
@@ -580,6 +633,7 @@ def _row_q4_0(w, xq, xd, xsum):  # 18 bytes: d, 16 bytes of nibbles; weight = d 
 def _row_q4_1(w, xq, xd, xsum):  # 20 bytes: d, m, nibbles; weight = d * q + m
     acc, offsets = _zeros(), np.float32(0)
     for b in range(xq.shape[0] // 32):
+        _prefetch(w, 20 * b + PREFETCH)
         acc = _add_nibbles(acc, w, 20 * b + 4, -1, xq, 32 * b, _half(w, 20 * b) * xd[b], 0)
         offsets += _half(w, 20 * b + 2) * xd[b] * xsum[b]
     return _total(acc) + offsets
@@ -589,6 +643,7 @@ def _row_q4_1(w, xq, xd, xsum):  # 20 bytes: d, m, nibbles; weight = d * q + m
 def _row_q5_0(w, xq, xd, xsum):  # 22 bytes: d, fifth bits, nibbles; weight = d * (q - 16)
     acc = _zeros()
     for b in range(xq.shape[0] // 32):
+        _prefetch(w, 22 * b + PREFETCH)
         acc = _add_nibbles(acc, w, 22 * b + 6, 22 * b + 2, xq, 32 * b, _half(w, 22 * b) * xd[b], 16)
     return _total(acc)
 
@@ -597,6 +652,7 @@ def _row_q5_0(w, xq, xd, xsum):  # 22 bytes: d, fifth bits, nibbles; weight = d 
 def _row_q5_1(w, xq, xd, xsum):  # 24 bytes: d, m, fifth bits, nibbles; weight = d * q + m
     acc, offsets = _zeros(), np.float32(0)
     for b in range(xq.shape[0] // 32):
+        _prefetch(w, 24 * b + PREFETCH)
         acc = _add_nibbles(acc, w, 24 * b + 8, 24 * b + 4, xq, 32 * b, _half(w, 24 * b) * xd[b], 0)
         offsets += _half(w, 24 * b + 2) * xd[b] * xsum[b]
     return _total(acc) + offsets
@@ -618,13 +674,15 @@ def _row_q4_k(w, xq, xd, xsum):
     acc, mins = _zeros(), np.float32(0)
     for b in range(xq.shape[0] // 256):
         o = 144 * b
+        for line in range(0, 144, 64):
+            _prefetch(w, o + line + PREFETCH)
         d, dmin = _half(w, o), _half(w, o + 2)
-        for j in range(8):
-            scale, low = _k_scale(w, o + 4, j)
-            q, s = o + 16 + 16 * (j & ~1), 8 * b + j
-            acc = _add_fields(acc, w, q, 4 * (j & 1), 15, q, 0, 0, xq, 32 * s,
-                              d * scale * xd[s], d * scale * xd[s], 0)
-            mins += dmin * low * xd[s] * xsum[s]
+        for c in range(4):
+            s = 8 * b + 2 * c
+            scale1, min1 = _k_scale(w, o + 4, 2 * c)
+            scale2, min2 = _k_scale(w, o + 4, 2 * c + 1)
+            acc = _add_k_pair(acc, w, o + 16 + 32 * c, -1, 0, xq, 32 * s, d * scale1 * xd[s], d * scale2 * xd[s + 1])
+            mins += dmin * (min1 * xd[s] * xsum[s] + min2 * xd[s + 1] * xsum[s + 1])
     return _total(acc) - mins
 
 
@@ -634,31 +692,41 @@ def _row_q5_k(w, xq, xd, xsum):
     acc, mins = _zeros(), np.float32(0)
     for b in range(xq.shape[0] // 256):
         o = 176 * b
+        for line in range(0, 176, 64):
+            _prefetch(w, o + line + PREFETCH)
         d, dmin = _half(w, o), _half(w, o + 2)
-        for j in range(8):
-            scale, low = _k_scale(w, o + 4, j)
-            q, s = o + 48 + 16 * (j & ~1), 8 * b + j
-            acc = _add_fields(acc, w, q, 4 * (j & 1), 15, o + 16, j, 1, xq, 32 * s,
-                              d * scale * xd[s], d * scale * xd[s], 0)
-            mins += dmin * low * xd[s] * xsum[s]
+        for c in range(4):
+            s = 8 * b + 2 * c
+            scale1, min1 = _k_scale(w, o + 4, 2 * c)
+            scale2, min2 = _k_scale(w, o + 4, 2 * c + 1)
+            acc = _add_k_pair(acc, w, o + 48 + 32 * c, o + 16, 2 * c, xq, 32 * s,
+                              d * scale1 * xd[s], d * scale2 * xd[s + 1])
+            mins += dmin * (min1 * xd[s] * xsum[s] + min2 * xd[s + 1] * xsum[s + 1])
     return _total(acc) - mins
+
+
+@_jit
+def _int8(byte):
+    return np.float32(np.int32(byte) - ((np.int32(byte) & 128) << 1))
 
 
 @_jit
 def _row_q6_k(w, xq, xd, xsum):
     """210 bytes per 256 weights: 128 bytes of low nibbles, 64 of two high bits, 16 int8 scales
-    (one per 16 weights), d; weight = d * scale * (q - 32)."""
+    (one per 16 weights), d; weight = d * scale * (q - 32). Two halves of 128 weights."""
     acc = _zeros()
     for b in range(xq.shape[0] // 256):
         o = 210 * b
+        for line in range(0, 210, 64):
+            _prefetch(w, o + line + PREFETCH)
         d = _half(w, o + 208)
-        for n in range(2):  # halves of 128 weights
-            for k in range(4):  # weights 32k..32k+31: ql bytes 32*(k & 1).., nibble k >> 1, bits 2k
-                s, sc = 8 * b + 4 * n + k, o + 192 + 8 * n + 2 * k
-                low = np.float32(np.int32(w[sc]) - ((np.int32(w[sc]) & 128) << 1))
-                high = np.float32(np.int32(w[sc + 1]) - ((np.int32(w[sc + 1]) & 128) << 1))
-                acc = _add_fields(acc, w, o + 64 * n + 32 * (k & 1), 4 * (k >> 1), 15, o + 128 + 32 * n, 2 * k, 3,
-                                  xq, 32 * s, d * low * xd[s], d * high * xd[s], 32)
+        for n in range(2):
+            sc, s = o + 192 + 8 * n, 8 * b + 4 * n  # this half's 8 scales; its first 32-block of x
+            acc = _add_q6_half(acc, w, o + 64 * n, o + 128 + 32 * n, xq, 32 * s,
+                               d * _int8(w[sc]) * xd[s], d * _int8(w[sc + 1]) * xd[s],
+                               d * _int8(w[sc + 2]) * xd[s + 1], d * _int8(w[sc + 3]) * xd[s + 1],
+                               d * _int8(w[sc + 4]) * xd[s + 2], d * _int8(w[sc + 5]) * xd[s + 2],
+                               d * _int8(w[sc + 6]) * xd[s + 3], d * _int8(w[sc + 7]) * xd[s + 3])
     return _total(acc)
 
 
