@@ -501,62 +501,110 @@ if numba is not None:
             return _accumulate(context, builder, acc_, q, False, offset_, signature.args[4], xq_, xo_, scales)
         return _lanes(acc, w, o, high, xq, xo, scale, offset), codegen
 
+    def _float_vector(context, builder, array_type, array, index, n):
+        return _load(context, builder, array_type, array, index, _F32, n)
+
+    def _element(builder, vector, i):
+        return builder.extract_element(vector, _ir.Constant(_I32, i))
+
     @_intrinsic
-    def _add_k_pair(typingctx, acc, w, o, high, bit, xq, xo, scale_low, scale_high):
-        """Lanes += two 32-weight sub-blocks of Q4_K/Q5_K that share 32 bytes at o: the low
-        nibbles times xq[xo:xo+32] scaled by scale_low, the high nibbles times xq[xo+32:xo+64]
-        scaled by scale_high. For Q5_K (high >= 0) bits `bit` and bit+1 of the 32 bytes at
-        `high` are the fifth bits of the two sub-blocks."""
+    def _add_k_block(typingctx, acc, w, o, qs, fifth, xq, xd, xsum, s):
+        """Lanes += one 256-weight Q4_K or Q5_K block at byte o times x[32s:32s+256]: d, dmin,
+        then 8 six-bit scales and mins packed in 12 bytes, then 32 bytes at qs + 32c holding
+        sub-blocks 2c (low nibbles) and 2c+1 (high); for Q5_K (fifth >= 0) bit j of byte l of
+        the 32 bytes at `fifth` is the fifth bit of weight l of sub-block j.
+        weight = d * scale * q - dmin * min; the min terms are added to lanes 0-7."""
         def codegen(context, builder, signature, args):
-            acc_, w_, o_, high_, bit_, xq_, xo_, low_, top_ = args
-            wt, xt = signature.args[1], signature.args[5]
-            i8x32 = _vec(_I8, 32)
-            packed = _load(context, builder, wt, w_, o_, _I8, 32)
-            is_q5 = builder.icmp_signed(">=", high_, _ir.Constant(high_.type, 0))
-            fifth = _load(context, builder, wt, w_, builder.select(is_q5, high_, o_), _I8, 32)
+            acc_, w_, o_, qs_, fifth_, xq_, xd_, xsum_, s_ = args
+            wt, xt, ft = signature.args[1], signature.args[5], signature.args[6]
+            i64 = _ir.IntType(64)
+            i8x8, i8x32 = _vec(_I8, 8), _vec(_I8, 32)
+
+            def at(offset, delta):
+                return builder.add(offset, _ir.Constant(offset.type, delta))
+
+            def shuffle(v, picks):
+                return builder.shuffle_vector(v, v, _ir.Constant(_vec(_I32, 8), picks))
+
+            def const8(v):
+                return _ir.Constant(i8x8, [v] * 8)
+
+            d = builder.fpext(_load(context, builder, wt, w_, o_, _ir.HalfType()), _F32)
+            dmin = builder.fpext(_load(context, builder, wt, w_, at(o_, 2), _ir.HalfType()), _F32)
+            packed = _load(context, builder, wt, w_, at(o_, 4), _I8, 16)  # 12 scale bytes (+4 unused)
+            # sub-block j < 4: scale = b[j] & 63, min = b[j+4] & 63; j >= 4: the low (scale) or
+            # high (min) nibble of b[j+4], with the top two bits of b[j-4] (scale) or b[j] (min)
+            first = [j < 4 for j in range(8)]
+            mask = _ir.Constant(_vec(_ir.IntType(1), 8), first)
+            a, top_s, top_m = shuffle(packed, [0, 1, 2, 3, 8, 9, 10, 11]), shuffle(packed, [0, 1, 2, 3, 0, 1, 2, 3]), \
+                shuffle(packed, [4, 5, 6, 7, 4, 5, 6, 7])
+            c = shuffle(packed, [4, 5, 6, 7, 8, 9, 10, 11])
+            six = builder.shl(builder.lshr(top_s, const8(6)), const8(4))
+            scales = builder.select(mask, builder.and_(a, const8(63)), builder.or_(builder.and_(a, const8(15)), six))
+            six = builder.shl(builder.lshr(top_m, const8(6)), const8(4))
+            mins = builder.select(mask, builder.and_(c, const8(63)), builder.or_(builder.lshr(c, const8(4)), six))
+            f32x8 = _vec(_F32, 8)
+            xd8 = _float_vector(context, builder, ft, xd_, s_, 8)
+            scales = builder.fmul(builder.fmul(builder.uitofp(scales, f32x8), _splat(builder, d, 8)), xd8)
+            mins = builder.fmul(builder.fmul(builder.uitofp(mins, f32x8), _splat(builder, dmin, 8)), xd8)
+            mins = builder.fmul(mins, _float_vector(context, builder, ft, xsum_, s_, 8))
+            is_q5 = builder.icmp_signed(">=", fifth_, _ir.Constant(fifth_.type, 0))
+            high = _load(context, builder, wt, w_, builder.select(is_q5, fifth_, qs_), _I8, 32)
             one = _splat(builder, builder.zext(is_q5, _I8), 32)  # 1 for Q5_K, 0 for Q4_K
-            four = _ir.Constant(i8x32, [4] * 32)
-
-            def nibbles(shift, bit):
-                q = builder.and_(builder.lshr(packed, _ir.Constant(i8x32, [shift] * 32)), _ir.Constant(i8x32, [15] * 32))
-                b = builder.and_(builder.lshr(fifth, _splat(builder, builder.trunc(bit, _I8), 32)), one)
-                return builder.or_(q, builder.shl(b, four))
-
-            zero = _ir.Constant(_ir.IntType(64), 0)
-            bit1 = builder.add(bit_, _ir.Constant(bit_.type, 1))
-            acc_ = _accumulate(context, builder, acc_, nibbles(0, bit_), False, zero, xt, xq_, xo_,
-                               _splat(builder, low_, 16))
-            xo32 = builder.add(xo_, _ir.Constant(xo_.type, 32))
-            return _accumulate(context, builder, acc_, nibbles(4, bit1), False, zero, xt, xq_, xo32,
-                               _splat(builder, top_, 16))
-        return _lanes(acc, w, o, high, bit, xq, xo, scale_low, scale_high), codegen
+            xo = builder.mul(s_, _ir.Constant(s_.type, 32))
+            zero = _ir.Constant(i64, 0)
+            for pair in range(4):
+                nibbles = _load(context, builder, wt, w_, at(qs_, 32 * pair), _I8, 32)
+                for half in range(2):
+                    j = 2 * pair + half
+                    q = builder.and_(builder.lshr(nibbles, _ir.Constant(i8x32, [4 * half] * 32)),
+                                     _ir.Constant(i8x32, [15] * 32))
+                    bit = builder.and_(builder.lshr(high, _ir.Constant(i8x32, [j] * 32)), one)
+                    q = builder.or_(q, builder.shl(bit, _ir.Constant(i8x32, [4] * 32)))
+                    acc_ = _accumulate(context, builder, acc_, q, False, zero, xt, xq_, at(xo, 32 * j),
+                                       _splat(builder, _element(builder, scales, j), 16))
+            widened = builder.shuffle_vector(mins, _ir.Constant(f32x8, [0.0] * 8), _ir.Constant(_vec(_I32, 16), list(range(16))))
+            return builder.fsub(acc_, widened)
+        return _lanes(acc, w, o, qs, fifth, xq, xd, xsum, s), codegen
 
     @_intrinsic
-    def _add_q6_half(typingctx, acc, w, ql, qh, xq, xo, s0, s1, s2, s3, s4, s5, s6, s7):
-        """Lanes += 128 weights of a Q6_K block times xq[xo:xo+128]: weight 32k+l (k < 4,
-        l < 32) is (nibble k >> 1 of byte ql+32*(k&1)+l) | (bits 2k, 2k+1 of byte qh+l) << 4,
-        minus 32, scaled by s[2k] (l < 16) or s[2k+1] (l >= 16)."""
+    def _add_q6_k_block(typingctx, acc, w, o, xq, xd, s):
+        """Lanes += one 256-weight Q6_K block at byte o times x[32s:32s+256]: 128 bytes of low
+        nibbles, 64 of two high bits, 16 int8 scales (one per 16 weights), d. In each half of
+        128 weights, weight 32k+l (k < 4, l < 32) is (nibble k >> 1 of ql byte 32*(k&1)+l) |
+        (bits 2k, 2k+1 of qh byte l) << 4, minus 32."""
         def codegen(context, builder, signature, args):
-            acc_, w_, ql_, qh_, xq_, xo_ = args[:6]
-            scales = args[6:]
-            wt, xt = signature.args[1], signature.args[4]
+            acc_, w_, o_, xq_, xd_, s_ = args
+            wt, xt, ft = signature.args[1], signature.args[3], signature.args[4]
             i8x32 = _vec(_I8, 32)
+
+            def at(offset, delta):
+                return builder.add(offset, _ir.Constant(offset.type, delta))
 
             def const(v):
                 return _ir.Constant(i8x32, [v] * 32)
 
-            a = _load(context, builder, wt, w_, ql_, _I8, 32)
-            c = _load(context, builder, wt, w_, builder.add(ql_, _ir.Constant(ql_.type, 32)), _I8, 32)
-            h = _load(context, builder, wt, w_, qh_, _I8, 32)
+            d = builder.fpext(_load(context, builder, wt, w_, at(o_, 208), _ir.HalfType()), _F32)
+            f32x16 = _vec(_F32, 16)
+            scales = builder.sitofp(_load(context, builder, wt, w_, at(o_, 192), _I8, 16), f32x16)
+            xd8 = _float_vector(context, builder, ft, xd_, s_, 8)  # one per 32 weights: two scales each
+            xd16 = builder.shuffle_vector(xd8, xd8, _ir.Constant(_vec(_I32, 16), [i // 2 for i in range(16)]))
+            scales = builder.fmul(builder.fmul(scales, _splat(builder, d, 16)), xd16)
             thirty_two = _ir.Constant(_ir.IntType(64), 32)
-            for k, low in enumerate((a, c, a, c)):
-                nibble = builder.and_(builder.lshr(low, const(4 * (k >> 1))), const(15))
-                high = builder.shl(builder.and_(builder.lshr(h, const(2 * k)), const(3)), const(4))
-                xo_k = builder.add(xo_, _ir.Constant(xo_.type, 32 * k))
-                acc_ = _accumulate(context, builder, acc_, builder.or_(nibble, high), False, thirty_two,
-                                   xt, xq_, xo_k, _two_scales(builder, scales[2 * k], scales[2 * k + 1]))
+            xo = builder.mul(s_, _ir.Constant(s_.type, 32))
+            for n in range(2):
+                a = _load(context, builder, wt, w_, at(o_, 64 * n), _I8, 32)
+                c = _load(context, builder, wt, w_, at(o_, 64 * n + 32), _I8, 32)
+                h = _load(context, builder, wt, w_, at(o_, 128 + 32 * n), _I8, 32)
+                for k, low in enumerate((a, c, a, c)):
+                    nibble = builder.and_(builder.lshr(low, const(4 * (k >> 1))), const(15))
+                    two = builder.shl(builder.and_(builder.lshr(h, const(2 * k)), const(3)), const(4))
+                    sub = 8 * n + 2 * k
+                    pair = _two_scales(builder, _element(builder, scales, sub), _element(builder, scales, sub + 1))
+                    acc_ = _accumulate(context, builder, acc_, builder.or_(nibble, two), False, thirty_two,
+                                       xt, xq_, at(xo, 128 * n + 32 * k), pair)
             return acc_
-        return _lanes(acc, w, ql, qh, xq, xo, s0, s1, s2, s3, s4, s5, s6, s7), codegen
+        return _lanes(acc, w, o, xq, xd, s), codegen
 
     @_intrinsic
     def _add_int8(typingctx, acc, w, o, xq, xo, scale):
@@ -659,74 +707,32 @@ def _row_q5_1(w, xq, xd, xsum):  # 24 bytes: d, m, fifth bits, nibbles; weight =
 
 
 @_jit
-def _k_scale(w, o, j):
-    """Scale and min of sub-block j from Q4_K/Q5_K's 12 packed bytes at o (6 bits each)."""
-    if j < 4:
-        return np.float32(w[o + j] & 63), np.float32(w[o + j + 4] & 63)
-    return (np.float32((w[o + j + 4] & 15) | ((w[o + j - 4] >> 6) << 4)),
-            np.float32((w[o + j + 4] >> 4) | ((w[o + j] >> 6) << 4)))
-
-
-@_jit
-def _row_q4_k(w, xq, xd, xsum):
-    """144 bytes per 256 weights: d, dmin, 12 bytes of 6-bit scales and mins, then 32 bytes per
-    pair of 32-weight sub-blocks (low nibbles: the even one); weight = d*scale*q - dmin*min."""
-    acc, mins = _zeros(), np.float32(0)
-    for b in range(xq.shape[0] // 256):
-        o = 144 * b
-        for line in range(0, 144, 64):
-            _prefetch(w, o + line + PREFETCH)
-        d, dmin = _half(w, o), _half(w, o + 2)
-        for c in range(4):
-            s = 8 * b + 2 * c
-            scale1, min1 = _k_scale(w, o + 4, 2 * c)
-            scale2, min2 = _k_scale(w, o + 4, 2 * c + 1)
-            acc = _add_k_pair(acc, w, o + 16 + 32 * c, -1, 0, xq, 32 * s, d * scale1 * xd[s], d * scale2 * xd[s + 1])
-            mins += dmin * (min1 * xd[s] * xsum[s] + min2 * xd[s + 1] * xsum[s + 1])
-    return _total(acc) - mins
-
-
-@_jit
-def _row_q5_k(w, xq, xd, xsum):
-    """176 bytes: as Q4_K, with 32 bytes of fifth bits after the scales (bit j: sub-block j)."""
-    acc, mins = _zeros(), np.float32(0)
-    for b in range(xq.shape[0] // 256):
-        o = 176 * b
-        for line in range(0, 176, 64):
-            _prefetch(w, o + line + PREFETCH)
-        d, dmin = _half(w, o), _half(w, o + 2)
-        for c in range(4):
-            s = 8 * b + 2 * c
-            scale1, min1 = _k_scale(w, o + 4, 2 * c)
-            scale2, min2 = _k_scale(w, o + 4, 2 * c + 1)
-            acc = _add_k_pair(acc, w, o + 48 + 32 * c, o + 16, 2 * c, xq, 32 * s,
-                              d * scale1 * xd[s], d * scale2 * xd[s + 1])
-            mins += dmin * (min1 * xd[s] * xsum[s] + min2 * xd[s + 1] * xsum[s + 1])
-    return _total(acc) - mins
-
-
-@_jit
-def _int8(byte):
-    return np.float32(np.int32(byte) - ((np.int32(byte) & 128) << 1))
-
-
-@_jit
-def _row_q6_k(w, xq, xd, xsum):
-    """210 bytes per 256 weights: 128 bytes of low nibbles, 64 of two high bits, 16 int8 scales
-    (one per 16 weights), d; weight = d * scale * (q - 32). Two halves of 128 weights."""
+def _row_q4_k(w, xq, xd, xsum):  # 144 bytes per 256 weights (see _add_k_block)
     acc = _zeros()
     for b in range(xq.shape[0] // 256):
-        o = 210 * b
+        for line in range(0, 144, 64):
+            _prefetch(w, 144 * b + line + PREFETCH)
+        acc = _add_k_block(acc, w, 144 * b, 144 * b + 16, -1, xq, xd, xsum, 8 * b)
+    return _total(acc)
+
+
+@_jit
+def _row_q5_k(w, xq, xd, xsum):  # 176 bytes: as Q4_K, with 32 bytes of fifth bits before the nibbles
+    acc = _zeros()
+    for b in range(xq.shape[0] // 256):
+        for line in range(0, 176, 64):
+            _prefetch(w, 176 * b + line + PREFETCH)
+        acc = _add_k_block(acc, w, 176 * b, 176 * b + 48, 176 * b + 16, xq, xd, xsum, 8 * b)
+    return _total(acc)
+
+
+@_jit
+def _row_q6_k(w, xq, xd, xsum):  # 210 bytes per 256 weights (see _add_q6_k_block)
+    acc = _zeros()
+    for b in range(xq.shape[0] // 256):
         for line in range(0, 210, 64):
-            _prefetch(w, o + line + PREFETCH)
-        d = _half(w, o + 208)
-        for n in range(2):
-            sc, s = o + 192 + 8 * n, 8 * b + 4 * n  # this half's 8 scales; its first 32-block of x
-            acc = _add_q6_half(acc, w, o + 64 * n, o + 128 + 32 * n, xq, 32 * s,
-                               d * _int8(w[sc]) * xd[s], d * _int8(w[sc + 1]) * xd[s],
-                               d * _int8(w[sc + 2]) * xd[s + 1], d * _int8(w[sc + 3]) * xd[s + 1],
-                               d * _int8(w[sc + 4]) * xd[s + 2], d * _int8(w[sc + 5]) * xd[s + 2],
-                               d * _int8(w[sc + 6]) * xd[s + 3], d * _int8(w[sc + 7]) * xd[s + 3])
+            _prefetch(w, 210 * b + line + PREFETCH)
+        acc = _add_q6_k_block(acc, w, 210 * b, xq, xd, 8 * b)
     return _total(acc)
 
 
