@@ -635,9 +635,8 @@ else:  # nothing below is called without numba; the definitions still read as Py
 PREFETCH = 2048
 
 @_jit
-def _row_f32(w, x):
-    v = w.view(np.float32)
-    total = np.float32(0)
+def _row_f32(w, x):  # the float rows stream fast enough without software prefetch (measured)
+    v, total = w.view(np.float32), np.float32(0)
     for i in range(x.shape[0]):
         total += v[i] * x[i]
     return total
