@@ -819,35 +819,35 @@ def _rope(x, n_head, head_dim, cos, sin):
 
 @_jit
 def _attend(q, keys, values, S, head, group, out):
-    """Query head `head` against the first S positions of its key/value head (head // group)."""
-    head_dim, kv = keys.shape[2], head // group
+    """Query head `head` against the first S positions of its key/value head (head // group).
+    The caches hold (n_head_kv, head_dim, positions): every inner loop runs along positions."""
+    head_dim, kv = keys.shape[1], head // group
     scale, q0 = np.float32(1.0 / np.sqrt(head_dim)), head * head_dim
-    scores = np.empty(S, np.float32)
-    top = -np.inf
+    scores = np.zeros(S, np.float32)
+    for d in range(head_dim):
+        qd = q[q0 + d] * scale
+        for s in range(S):
+            scores[s] += qd * keys[kv, d, s]
+    top = scores[0]
     for s in range(S):
-        dot = np.float32(0)
-        for d in range(head_dim):
-            dot += q[q0 + d] * keys[s, kv, d]
-        scores[s] = dot * scale
         top = max(top, scores[s])
     total = np.float32(0)
     for s in range(S):
         scores[s] = np.exp(scores[s] - top)
         total += scores[s]
     for d in range(head_dim):
-        out[q0 + d] = 0
-    for s in range(S):
-        p = scores[s] / total
-        for d in range(head_dim):
-            out[q0 + d] += p * values[s, kv, d]
+        weighted = np.float32(0)
+        for s in range(S):
+            weighted += scores[s] * values[kv, d, s]
+        out[q0 + d] = weighted / total
 
 
 @_kernel
 def _attention(q, keys, values, S, n_head, out, threads):
-    """Every query head against the first S positions of keys, values (positions, n_head_kv,
-    head_dim), heads split among the threads. Whole cache arrays are passed (not slices) so
+    """Every query head against the first S positions of keys, values (n_head_kv, head_dim,
+    positions), heads split among the threads. Whole cache arrays are passed (not slices) so
     that numba knows they are contiguous."""
-    group = n_head // keys.shape[1]
+    group = n_head // keys.shape[0]
     for t in _prange(threads):
         for head in range(t * n_head // threads, (t + 1) * n_head // threads):
             _attend(q, keys, values, S, head, group, out)
@@ -858,7 +858,7 @@ def _decode_token(x, pos, matrices, types, norms, k_cache, v_cache, cos, sin, n_
     """Run one token (its embedding x) at position pos through every layer, writing its keys and
     values to the caches and the next-token logits to `logits`. matrices[7i:7i+7] are layer i's
     q, k, v, output, gate, up, down; the last one is the output projection."""
-    n_layer, _, n_head_kv, head_dim = k_cache.shape
+    n_layer, n_head_kv, head_dim, _ = k_cache.shape
     chunks = 4 * threads  # smaller pieces than threads, so that a slow thread delays less
     q = np.empty(n_head * head_dim, np.float32)
     k, v = np.empty(n_head_kv * head_dim, np.float32), np.empty(n_head_kv * head_dim, np.float32)
@@ -873,8 +873,8 @@ def _decode_token(x, pos, matrices, types, norms, k_cache, v_cache, cos, sin, n_
         _matvec(matrices[m + 2], types[m + 2], h, hq, hd, hs, v, chunks)
         _rope(q, n_head, head_dim, cos, sin)
         _rope(k, n_head_kv, head_dim, cos, sin)
-        k_cache[i, pos] = k.reshape(n_head_kv, head_dim)
-        v_cache[i, pos] = v.reshape(n_head_kv, head_dim)
+        k_cache[i, :, :, pos] = k.reshape(n_head_kv, head_dim)
+        v_cache[i, :, :, pos] = v.reshape(n_head_kv, head_dim)
         _attention(q, k_cache[i], v_cache[i], pos + 1, n_head, att, threads)
         aq, ad, as_ = _quantize(att)
         _matvec(matrices[m + 3], types[m + 3], att, aq, ad, as_, proj, chunks)
@@ -904,7 +904,7 @@ def _compile_kernels():
         return
     matrix = np.zeros((1, 64), np.uint8)
     matrix.setflags(write=False)
-    cache = np.zeros((1, 1, 1, 2), np.float32)
+    cache = np.zeros((1, 1, 2, 1), np.float32)  # (layers, kv heads, head_dim, positions)
     _decode_token(np.zeros(2, np.float32), 0, numba.typed.List([matrix] * 8), np.zeros(8, np.int64),
                   np.ones((2, 2, 2), np.float32), cache, cache.copy(), np.ones(1, np.float32),
                   np.zeros(1, np.float32), 1, 1e-5, np.zeros(1, np.float32), 1)
@@ -1476,14 +1476,15 @@ class Model:
 
     def _reserve(self, n):
         c = self.config
-        have = 0 if self.k_cache is None else self.k_cache.shape[1]
+        have = 0 if self.k_cache is None else self.k_cache.shape[-1]
         if n <= have:
             return
         size = min(self.n_ctx, max(n, 2 * have, 256))  # grow by doubling up to the context
-        shape = (c.n_layer, size, c.n_head_kv, c.head_dim)
+        # positions last: attention's inner loops (and matrix products) run along positions
+        shape = (c.n_layer, c.n_head_kv, c.head_dim, size)
         k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         if have:
-            k[:, :have], v[:, :have] = self.k_cache, self.v_cache
+            k[..., :have], v[..., :have] = self.k_cache, self.v_cache
         self.k_cache, self.v_cache = k, v
 
     def _rope(self, x, cos, sin):
@@ -1510,15 +1511,15 @@ class Model:
             h = rms_norm(x, L.attn_norm, c.norm_eps)
             q = self._rope(matmul(h, L.wq).reshape(T, c.n_head, c.head_dim), cos, sin)
             k = self._rope(matmul(h, L.wk).reshape(T, c.n_head_kv, c.head_dim), cos, sin)
-            self.k_cache[i, start:S] = k
-            self.v_cache[i, start:S] = matmul(h, L.wv).reshape(T, c.n_head_kv, c.head_dim)
-            keys, values = self.k_cache[i, :S], self.v_cache[i, :S]  # (S, n_head_kv, head_dim)
+            self.k_cache[i, :, :, start:S] = k.transpose(1, 2, 0)
+            self.v_cache[i, :, :, start:S] = matmul(h, L.wv).reshape(T, c.n_head_kv, c.head_dim).transpose(1, 2, 0)
+            keys, values = self.k_cache[i, :, :, :S], self.v_cache[i, :, :, :S]  # (n_head_kv, head_dim, S)
             # grouped-query attention: query head j uses key/value head j // group
             q = q.reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
-            scores = (q.reshape(c.n_head_kv, group * T, c.head_dim) @ keys.transpose(1, 2, 0)) * scale
+            scores = (q.reshape(c.n_head_kv, group * T, c.head_dim) @ keys) * scale
             scores = np.where(mask, scores.reshape(c.n_head_kv, group, T, S), -np.inf)
             probs = softmax(scores).reshape(c.n_head_kv, group * T, S)
-            att = (probs @ values.transpose(1, 0, 2)).reshape(c.n_head_kv, group, T, c.head_dim)
+            att = (probs @ values.transpose(0, 2, 1)).reshape(c.n_head_kv, group, T, c.head_dim)
             x = x + matmul(att.transpose(2, 0, 1, 3).reshape(T, -1), L.wo)
             h = rms_norm(x, L.ffn_norm, c.norm_eps)
             x = x + matmul(silu(matmul(h, L.w_gate)) * matmul(h, L.w_up), L.w_down)
