@@ -143,3 +143,18 @@ def test_threads_argument(tmp_path, tiny_gguf):
     a, b = run.load(path, threads=1), run.load(path, threads=64)  # more than the cores: capped
     ids = a.tokenize("The quick brown fox")
     assert list(a.generate(ids, 8, temperature=0)) == list(b.generate(ids, 8, temperature=0))
+
+
+def test_kernels_that_fail_to_compile_fall_back_to_numpy(tiny_gguf, monkeypatch, capsys):
+    """A numba that cannot compile the kernels: one message on stderr, and the numpy path runs."""
+    path, _ = tiny_gguf
+
+    def broken(*args):
+        raise run.numba.core.errors.TypingError("no such intrinsic")
+
+    monkeypatch.setattr(run, "_decode_token", broken)
+    monkeypatch.setattr(run, "_compiled", None)
+    m = run.load(path)
+    assert not m.use_numba
+    assert "could not compile the kernels (TypingError: no such intrinsic); using numpy" in capsys.readouterr().err
+    assert len(list(m.generate(m.tokenize("The quick"), 4, temperature=0))) == 4

@@ -457,8 +457,8 @@ if numba is not None:
         """Ask for the cache line at byte o of w ahead of its use (never faults, even past the end)."""
         def codegen(context, builder, signature, args):
             data = context.make_array(signature.args[0])(context, builder, args[0]).data
-            prefetch = builder.module.declare_intrinsic(
-                "llvm.prefetch.p0", fnty=_ir.FunctionType(_ir.VoidType(), [data.type, _I32, _I32, _I32]))
+            prefetch = builder.module.declare_intrinsic(  # named .p0 or .p0i8 by the LLVM version
+                "llvm.prefetch", [data.type], _ir.FunctionType(_ir.VoidType(), [data.type, _I32, _I32, _I32]))
             builder.call(prefetch, [builder.gep(data, [args[1]]), _ir.Constant(_I32, 0), _ir.Constant(_I32, 3),
                                     _ir.Constant(_I32, 1)])
             return context.get_dummy_value()
@@ -892,23 +892,31 @@ def _decode_token(x, pos, matrices, types, norms, k_cache, v_cache, cos, sin, n_
     _matvec(matrices[-1], types[-1], h, hq, hd, hs, logits, chunks)
 
 
-_compiled = False
+_compiled = None  # None: not tried yet; then whether the kernels compiled
 
 
-def _compile_kernels():
+def _compile_kernels() -> bool:
     """Compile the kernels (or load them from numba's disk cache) once per process, on a
     one-layer toy model with the argument types a model passes, so that load() pays for it
-    rather than the first token. Tensor data are read-only views of the memory-mapped file."""
+    rather than the first token. Tensor data are read-only views of the memory-mapped file.
+    If they cannot be compiled (a numba too old or too new for this file), say so once and
+    let the numpy path run: a slower run.py beats one that does not start."""
     global _compiled
-    if _compiled:
-        return
-    matrix = np.zeros((1, 64), np.uint8)
-    matrix.setflags(write=False)
-    cache = np.zeros((1, 1, 2, 1), np.float32)  # (layers, kv heads, head_dim, positions)
-    _decode_token(np.zeros(2, np.float32), 0, numba.typed.List([matrix] * 8), np.zeros(8, np.int64),
-                  np.ones((2, 2, 2), np.float32), cache, cache.copy(), np.ones(1, np.float32),
-                  np.zeros(1, np.float32), 1, 1e-5, np.zeros(1, np.float32), 1)
-    _compiled = True
+    if _compiled is None:
+        matrix = np.zeros((1, 64), np.uint8)
+        matrix.setflags(write=False)
+        cache = np.zeros((1, 1, 2, 1), np.float32)  # (layers, kv heads, head_dim, positions)
+        try:
+            _decode_token(np.zeros(2, np.float32), 0, numba.typed.List([matrix] * 8), np.zeros(8, np.int64),
+                          np.ones((2, 2, 2), np.float32), cache, cache.copy(), np.ones(1, np.float32),
+                          np.zeros(1, np.float32), 1, 1e-5, np.zeros(1, np.float32), 1)
+            _compiled = True
+        except Exception as e:  # numba reports compile failures with many exception types
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            print(f"run.py: numba {numba.__version__} could not compile the kernels "
+                  f"({type(e).__name__}: {first_line}); using numpy", file=sys.stderr)
+            _compiled = False
+    return _compiled
 
 
 # ---------------------------------------------------------------------------
@@ -1357,8 +1365,8 @@ class Model:
         self.threads = default_threads() if threads is None else threads
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
+        self.use_numba = self.use_numba and _compile_kernels()
         if self.use_numba:
-            _compile_kernels()
             matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
             matrices.append(self.output)
             self._matrices = numba.typed.List([t.data.reshape(t.shape[0], -1) for t in matrices])
