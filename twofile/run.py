@@ -95,6 +95,7 @@ class GGUFFile:
     version: int
     metadata: dict
     tensors: dict[str, TensorInfo]
+    data: np.ndarray = field(repr=False, default=None)  # the whole file, memory-mapped, read-only
 
 
 class _Cursor:
@@ -222,7 +223,7 @@ def read_gguf(path: str) -> GGUFFile:
             raise GGUFError(f"{path}: tensor {t.name!r} appears twice")
         t.data = mapped[t.offset:t.offset + t.nbytes]
         tensors[t.name] = t
-    return GGUFFile(path, version, metadata, tensors)
+    return GGUFFile(path, version, metadata, tensors, mapped)
 
 
 # ---------------------------------------------------------------------------
@@ -546,7 +547,7 @@ if numba is not None:
             f32x8 = _vec(_F32, 8)
             xd8 = _float_vector(context, builder, ft, xd_, s_, 8)
             scales = builder.fmul(builder.fmul(builder.uitofp(scales, f32x8), _splat(builder, d, 8)), xd8)
-            mins = builder.fmul(builder.fmul(builder.uitofp(mins, f32x8), _splat(builder, dmin, 8)), xd8)
+            mins = builder.fmul(builder.uitofp(mins, f32x8), _splat(builder, dmin, 8))
             mins = builder.fmul(mins, _float_vector(context, builder, ft, xsum_, s_, 8))
             is_q5 = builder.icmp_signed(">=", fifth_, _ir.Constant(fifth_.type, 0))
             high = _load(context, builder, wt, w_, builder.select(is_q5, fifth_, qs_), _I8, 32)
@@ -629,7 +630,7 @@ else:  # nothing below is called without numba; the definitions still read as Py
 
 
 # One function per tensor type: the dot product of one row (its bytes w) with x, where xq holds
-# x as 16-bit integers, xd the scale of each 32-block of them and xsum their sums per 32.
+# x as 16-bit integers, xd the scale of each 32-block of them and xsum the blocks' sums (xd * sum).
 # Each asks for the bytes PREFETCH ahead (the rows of a thread's share are contiguous, so
 # that is this row or the next): the hardware prefetchers alone left ~40% of the time waiting.
 PREFETCH = 2048
@@ -691,7 +692,7 @@ def _row_q4_1(w, xq, xd, xsum):  # 20 bytes: d, m, nibbles; weight = d * q + m
     for b in range(xq.shape[0] // 32):
         _prefetch(w, 20 * b + PREFETCH)
         acc = _add_nibbles(acc, w, 20 * b + 4, -1, xq, 32 * b, _half(w, 20 * b) * xd[b], 0)
-        offsets += _half(w, 20 * b + 2) * xd[b] * xsum[b]
+        offsets += _half(w, 20 * b + 2) * xsum[b]
     return _total(acc) + offsets
 
 
@@ -710,7 +711,7 @@ def _row_q5_1(w, xq, xd, xsum):  # 24 bytes: d, m, fifth bits, nibbles; weight =
     for b in range(xq.shape[0] // 32):
         _prefetch(w, 24 * b + PREFETCH)
         acc = _add_nibbles(acc, w, 24 * b + 8, 24 * b + 4, xq, 32 * b, _half(w, 24 * b) * xd[b], 0)
-        offsets += _half(w, 24 * b + 2) * xd[b] * xsum[b]
+        offsets += _half(w, 24 * b + 2) * xsum[b]
     return _total(acc) + offsets
 
 
@@ -784,7 +785,8 @@ def _rows(w, ggml_type, x, xq, xd, xsum, out, first, last):
 
 @_jit
 def _quantize(x):
-    """x as 16-bit integers per block of 32: (the integers, each block's scale, each block's sum)."""
+    """x as 16-bit integers per block of 32: (the integers, each block's scale, each block's sum
+    of its rounded values: scale * sum of its integers)."""
     n = max(x.shape[0] // 32, 1)
     xq, xd, xsum = np.zeros(x.shape[0], np.int16), np.zeros(n, np.float32), np.zeros(n, np.float32)
     for b in range(x.shape[0] // 32):
@@ -797,6 +799,7 @@ def _quantize(x):
             q = np.floor(x[32 * b + j] * inverse + np.float32(0.5))
             xq[32 * b + j] = np.int16(q)
             xsum[b] += q
+        xsum[b] *= xd[b]
     return xq, xd, xsum
 
 
@@ -863,42 +866,50 @@ def _attention(q, keys, values, S, n_head, out, threads):
 
 
 @_jit
-def _decode_token(x, pos, matrices, types, norms, k_cache, v_cache, cos, sin, n_head, eps, logits, threads):
+def _matvec_at(data, table, m, x, xq, xd, xsum, out, chunks):
+    """_matvec on matrix m of the table: its (byte offset, bytes, rows, type) in the file's bytes."""
+    offset, size, rows = table[m, 0], table[m, 1], table[m, 2]
+    _matvec(data[offset:offset + size].reshape(rows, size // rows), table[m, 3], x, xq, xd, xsum, out, chunks)
+
+
+@_jit
+def _decode_token(x, pos, data, table, norms, k_cache, v_cache, cos, sin, n_head, eps, logits, threads):
     """Run one token (its embedding x) at position pos through every layer, writing its keys and
-    values to the caches and the next-token logits to `logits`. matrices[7i:7i+7] are layer i's
-    q, k, v, output, gate, up, down; the last one is the output projection."""
+    values to the caches and the next-token logits to `logits`. data is the file's bytes; table
+    rows 7i..7i+6 place layer i's q, k, v, output, gate, up and down matrices in it (see
+    _matvec_at), the last row the output projection."""
     n_layer, n_head_kv, head_dim, _ = k_cache.shape
     chunks = 4 * threads  # smaller pieces than threads, so that a slow thread delays less
     q = np.empty(n_head * head_dim, np.float32)
     k, v = np.empty(n_head_kv * head_dim, np.float32), np.empty(n_head_kv * head_dim, np.float32)
     att, proj = np.empty(n_head * head_dim, np.float32), np.empty(x.shape[0], np.float32)
-    gate, up = np.empty(matrices[4].shape[0], np.float32), np.empty(matrices[4].shape[0], np.float32)
+    gate, up = np.empty(table[4, 2], np.float32), np.empty(table[4, 2], np.float32)
     for i in range(n_layer):
         m = 7 * i
         h = _rms_norm(x, norms[i, 0], eps)
         hq, hd, hs = _quantize(h)
-        _matvec(matrices[m], types[m], h, hq, hd, hs, q, chunks)
-        _matvec(matrices[m + 1], types[m + 1], h, hq, hd, hs, k, chunks)
-        _matvec(matrices[m + 2], types[m + 2], h, hq, hd, hs, v, chunks)
+        _matvec_at(data, table, m, h, hq, hd, hs, q, chunks)
+        _matvec_at(data, table, m + 1, h, hq, hd, hs, k, chunks)
+        _matvec_at(data, table, m + 2, h, hq, hd, hs, v, chunks)
         _rope(q, n_head, head_dim, cos, sin)
         _rope(k, n_head_kv, head_dim, cos, sin)
         k_cache[i, :, :, pos] = k.reshape(n_head_kv, head_dim)
         v_cache[i, :, :, pos] = v.reshape(n_head_kv, head_dim)
         _attention(q, k_cache[i], v_cache[i], pos + 1, n_head, att, threads)
         aq, ad, as_ = _quantize(att)
-        _matvec(matrices[m + 3], types[m + 3], att, aq, ad, as_, proj, chunks)
+        _matvec_at(data, table, m + 3, att, aq, ad, as_, proj, chunks)
         x = x + proj
         h = _rms_norm(x, norms[i, 1], eps)
         hq, hd, hs = _quantize(h)
-        _matvec(matrices[m + 4], types[m + 4], h, hq, hd, hs, gate, chunks)
-        _matvec(matrices[m + 5], types[m + 5], h, hq, hd, hs, up, chunks)
+        _matvec_at(data, table, m + 4, h, hq, hd, hs, gate, chunks)
+        _matvec_at(data, table, m + 5, h, hq, hd, hs, up, chunks)
         gate = gate / (np.float32(1) + np.exp(-gate)) * up
         gq, gd, gs = _quantize(gate)
-        _matvec(matrices[m + 6], types[m + 6], gate, gq, gd, gs, proj, chunks)
+        _matvec_at(data, table, m + 6, gate, gq, gd, gs, proj, chunks)
         x = x + proj
     h = _rms_norm(x, norms[n_layer, 0], eps)
     hq, hd, hs = _quantize(h)
-    _matvec(matrices[-1], types[-1], h, hq, hd, hs, logits, chunks)
+    _matvec_at(data, table, table.shape[0] - 1, h, hq, hd, hs, logits, chunks)
 
 
 _compiled = None  # None: not tried yet; then whether the kernels compiled
@@ -912,13 +923,14 @@ def _compile_kernels() -> bool:
     let the numpy path run: a slower run.py beats one that does not start."""
     global _compiled
     if _compiled is None:
-        matrix = np.zeros((1, 64), np.uint8)
-        matrix.setflags(write=False)
+        data = np.zeros(64, np.uint8)
+        data.setflags(write=False)
+        table = np.array([[0, 64, 1, 0]] * 8)  # eight 1 x 16 F32 matrices, all the same bytes
         cache = np.zeros((1, 1, 2, 1), np.float32)  # (layers, kv heads, head_dim, positions)
         try:
-            _decode_token(np.zeros(2, np.float32), 0, numba.typed.List([matrix] * 8), np.zeros(8, np.int64),
-                          np.ones((2, 2, 2), np.float32), cache, cache.copy(), np.ones(1, np.float32),
-                          np.zeros(1, np.float32), 1, 1e-5, np.zeros(1, np.float32), 1)
+            _decode_token(np.zeros(16, np.float32), 0, data, table, np.ones((2, 2, 16), np.float32), cache,
+                          cache.copy(), np.ones(1, np.float32), np.zeros(1, np.float32), 1, 1e-5,
+                          np.zeros(1, np.float32), 1)
             _compiled = True
         except Exception as e:  # numba reports compile failures with many exception types
             first_line = (str(e).strip().splitlines() or [""])[0]
@@ -1377,9 +1389,7 @@ class Model:
         self.use_numba = self.use_numba and _compile_kernels()
         if self.use_numba:
             matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
-            matrices.append(self.output)
-            self._matrices = numba.typed.List([t.data.reshape(t.shape[0], -1) for t in matrices])
-            self._types = np.array([t.type for t in matrices], dtype=np.int64)
+            self._table = np.array([(t.offset, t.nbytes, t.shape[0], t.type) for t in matrices + [self.output]])
             self._norms = np.stack([np.stack([L.attn_norm, L.ffn_norm]) for L in self.layers]
                                    + [np.stack([self.output_norm, self.output_norm])]).astype(np.float32)
 
@@ -1486,7 +1496,7 @@ class Model:
         logits = np.empty(self.config.n_vocab, np.float32)
         threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(threads)
-        _decode_token(get_rows(self.token_embd, [token])[0], pos, self._matrices, self._types, self._norms,
+        _decode_token(get_rows(self.token_embd, [token])[0], pos, self.gguf.data, self._table, self._norms,
                       self.k_cache, self.v_cache, np.cos(angles).astype(np.float32),
                       np.sin(angles).astype(np.float32), self.config.n_head, self.config.norm_eps, logits, threads)
         return logits
