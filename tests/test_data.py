@@ -216,11 +216,13 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path, tok_path):
             for _ in range(mb * (1 << 20) // len(block)):
                 f.write(block)
         code = PEAK.format(root=str(ROOT), corpus=str(corpus), tok=str(tok_path), out=str(tmp_path / f"o{mb}"))
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        # one tokenizer thread: the size of its thread pool's arenas varies from run to run
+        env = {**os.environ, "RAYON_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0, r.stderr
         peaks.append(int(r.stdout.split()[-1]) / 1024)  # MB
     print("peak RSS MB", peaks)
-    assert peaks[1] - peaks[0] < 40, peaks  # 42 MB more text, far less than 42 MB more memory
+    assert peaks[1] - peaks[0] < 20, peaks  # 42 MB more text, far less than 42 MB more memory
 
 
 def test_train_batches_deterministic_per_seed_step_rank(tmp_path, tok_path):
