@@ -535,16 +535,16 @@ if numba is not None:
             dmin = builder.fpext(_load(context, builder, wt, w_, at(o_, 2), _ir.HalfType()), _F32)
             packed = _load(context, builder, wt, w_, at(o_, 4), _I8, 16)  # 12 scale bytes (+4 unused)
             # sub-block j < 4: scale = b[j] & 63, min = b[j+4] & 63; j >= 4: the low (scale) or
-            # high (min) nibble of b[j+4], with the top two bits of b[j-4] (scale) or b[j] (min)
-            first = [j < 4 for j in range(8)]
-            mask = _ir.Constant(_vec(_ir.IntType(1), 8), first)
-            a, top_s, top_m = shuffle(packed, [0, 1, 2, 3, 8, 9, 10, 11]), shuffle(packed, [0, 1, 2, 3, 0, 1, 2, 3]), \
-                shuffle(packed, [4, 5, 6, 7, 4, 5, 6, 7])
-            c = shuffle(packed, [4, 5, 6, 7, 8, 9, 10, 11])
-            six = builder.shl(builder.lshr(top_s, const8(6)), const8(4))
-            scales = builder.select(mask, builder.and_(a, const8(63)), builder.or_(builder.and_(a, const8(15)), six))
-            six = builder.shl(builder.lshr(top_m, const8(6)), const8(4))
-            mins = builder.select(mask, builder.and_(c, const8(63)), builder.or_(builder.lshr(c, const8(4)), six))
+            # high (min) nibble of b[j+4], plus the top two bits of b[j-4] (scale) or b[j] (min)
+            first_four = _ir.Constant(_vec(_ir.IntType(1), 8), [j < 4 for j in range(8)])
+            scale_bits = shuffle(packed, [0, 1, 2, 3, 8, 9, 10, 11])  # b[j], then b[j+4]
+            min_bits = shuffle(packed, [4, 5, 6, 7, 8, 9, 10, 11])  # b[j+4]
+            scale_top = builder.shl(builder.lshr(shuffle(packed, [0, 1, 2, 3, 0, 1, 2, 3]), const8(6)), const8(4))
+            min_top = builder.shl(builder.lshr(shuffle(packed, [4, 5, 6, 7, 4, 5, 6, 7]), const8(6)), const8(4))
+            scales = builder.select(first_four, builder.and_(scale_bits, const8(63)),
+                                    builder.or_(builder.and_(scale_bits, const8(15)), scale_top))
+            mins = builder.select(first_four, builder.and_(min_bits, const8(63)),
+                                  builder.or_(builder.lshr(min_bits, const8(4)), min_top))
             f32x8 = _vec(_F32, 8)
             xd8 = _float_vector(context, builder, ft, xd_, s_, 8)
             scales = builder.fmul(builder.fmul(builder.uitofp(scales, f32x8), _splat(builder, d, 8)), xd8)
@@ -565,7 +565,8 @@ if numba is not None:
                     q = builder.or_(q, builder.shl(bit, _ir.Constant(i8x32, [4] * 32)))
                     acc_ = _accumulate(context, builder, acc_, q, False, zero, xt, xq_, at(xo, 32 * j),
                                        _splat(builder, _element(builder, scales, j), 16))
-            widened = builder.shuffle_vector(mins, _ir.Constant(f32x8, [0.0] * 8), _ir.Constant(_vec(_I32, 16), list(range(16))))
+            widened = builder.shuffle_vector(mins, _ir.Constant(f32x8, [0.0] * 8),
+                                             _ir.Constant(_vec(_I32, 16), list(range(16))))  # 8 mins, 8 zeros
             return builder.fsub(acc_, widened)
         return _lanes(acc, w, o, qs, fifth, xq, xd, xsum, s), codegen
 
