@@ -16,7 +16,7 @@ or use it from Python:
 The file reads top to bottom in the order data flows: GGUF reader, tensor types, compiled
 kernels, tokenizer, model forward pass, sampler, generation and chat, command line. It needs
 only numpy and the standard library; jinja2 renders chat templates when present, and numba,
-when present, compiles the kernels that generate tokens about 50 times faster (--threads N).
+when present, compiles the kernels that generate tokens about 40 times faster (--threads N).
 """
 
 from __future__ import annotations
