@@ -237,16 +237,22 @@ from twofile import run
 m = run.load({path!r})
 load = time.perf_counter() - t
 m.tokenizer.eog_ids = set()
-list(m.generate(m.tokenize("Hello"), max_tokens={n}, temperature=0))
+tokens = m.generate(m.tokenize("Hello"), max_tokens={n}, temperature=0)
+next(tokens)
+t = time.perf_counter()
+tg = sum(1 for _ in tokens) / (time.perf_counter() - t)
 # VmHWM, not ru_maxrss: the latter can carry the parent's peak across vfork + exec
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
-print(json.dumps({{"load": load, "rss": int(hwm.split()[1]) * 1024, "kv": m.k_cache.nbytes * 2}}))
+print(json.dumps({{"load": load, "rss": int(hwm.split()[1]) * 1024, "kv": m.k_cache.nbytes * 2, "tg": tg}}))
 """
 
 
-def child_load_and_rss(path: Path, gen_tokens: int) -> dict:
+def child_load_and_rss(path: Path, gen_tokens: int, numpy_only: bool = False) -> dict:
+    """A fresh process loads the model and generates: its load time, peak RSS, KV cache bytes
+    and generation speed."""
     code = CHILD.format(root=str(Path(__file__).resolve().parents[1]), path=str(path), n=gen_tokens)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "RUN_PY_NUMBA": "0"} if numpy_only else None
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -351,14 +357,7 @@ def main():
               f"{r['peak_rss_mb'] - r['size_mb'] - r['kv_mb']:.0f})", flush=True)
     for name, (pp, tg) in LLAMA_CPP.items():
         print(f"llama.cpp (issue figures) {name}: pp512 {pp} tok/s, tg128 {tg} tok/s")
-    # the numpy fallback (no numba) on the first file: what run.py does with numpy alone
-    code = CHILD.replace("list(m.generate(", "g = m.generate(").replace(", temperature=0))", ", temperature=0); next(g)\n"
-           "t1 = time.perf_counter(); n = sum(1 for _ in g); tg = n / (time.perf_counter() - t1)")
-    code = code.replace('"kv": m.k_cache.nbytes * 2}', '"kv": m.k_cache.nbytes * 2, "tg": tg}')
-    env = {**os.environ, "RUN_PY_NUMBA": "0"}
-    out = subprocess.run([sys.executable, "-c", code.format(root=str(Path(__file__).resolve().parents[1]),
-                          path=str(files[0]), n=9)], capture_output=True, text=True, check=True, env=env)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = child_load_and_rss(files[0], 9, numpy_only=True)  # what run.py does with numpy alone
     print(f"numpy only (RUN_PY_NUMBA=0), {files[0].name}: load {r['load']:.2f} s, generation {r['tg']:.2f} tok/s "
           f"(tg8), peak RSS {r['rss'] / 1e6:.0f} MB")
     if not args.models:

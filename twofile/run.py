@@ -1383,12 +1383,11 @@ class Model:
         self.cache_ids: list[int] = []  # the tokens whose keys and values are in the cache
         self.k_cache = self.v_cache = None
         self.finish_reason = None
-        # generation runs on the compiled kernels when numba is there (set False to use numpy)
-        self.use_numba = numba is not None
         self.threads = default_threads() if threads is None else threads
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
-        self.use_numba = self.use_numba and _compile_kernels()
+        # generation runs on the compiled kernels when numba is there (set False to use numpy)
+        self.use_numba = numba is not None and _compile_kernels()
         if self.use_numba:
             matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
             self._table = np.array([(t.offset, t.nbytes, t.shape[0], t.type) for t in matrices + [self.output]])
