@@ -10,9 +10,11 @@ tokenizer section, built with the gguf package into ~/.cache/twofile/bench (abou
 
 For each file: load time (fresh process, kernels from numba's disk cache), prompt processing
 (512 tokens; 128 for files over 1 GB), generation (--gen-tokens; 16 for files over 1 GB),
-medians over --runs; peak RSS of a fresh process that loads the model and generates; and
-generation speed as a fraction of the bandwidth roofline: bandwidth measured in the same run /
-bytes of weights read per generated token. The chart (tok/s against weights read per token,
+greedy and with the CLI's default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p
+0.05), medians over --runs; the time of one sample() call on the model's logits and its share
+of a sampled token's time; peak RSS of a fresh process that loads the model and generates;
+and generation speed as a fraction of the bandwidth roofline: bandwidth measured in the same
+run / bytes of weights read per generated token. The chart (tok/s against weights read per token,
 with the roofline) goes to bench/run_speed.png.
 """
 
@@ -122,7 +124,7 @@ def _tokenizer(vocab: int, kind: str) -> dict:
         pad = [f"\u0120pad{i}" for i in range(extra - 256)] + [f"<|reserved_special_token_{i}|>" for i in range(256)]
         return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
                 "tokenizer.ggml.tokens": tokens + pad,
-                "tokenizer.ggml.token_type": meta["tokenizer.ggml.token_type"] + [1] * (extra - 256) + [3] * 256,
+                "tokenizer.ggml.token_type": meta["tokenizer.ggml.token_type"].tolist() + [1] * (extra - 256) + [3] * 256,
                 "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
     decode = {c: b for b, c in run._byte_to_unicode().items()}
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
@@ -236,15 +238,44 @@ sys.path.insert(0, {root!r})
 from twofile import run
 m = run.load({path!r})
 load = time.perf_counter() - t
-m.tokenizer.eog_ids = set()
-tokens = m.generate(m.tokenize("Hello"), max_tokens={n}, temperature=0)
-next(tokens)
-t = time.perf_counter()
-tg = sum(1 for _ in tokens) / (time.perf_counter() - t)
+s = m.session()
+gen = s.generate(m.tokenize("Hello"), max_tokens={n}, temperature=0, ignore_eos=True)
+next(gen)
+t, first = time.perf_counter(), len(gen.tokens)
+for _ in gen:
+    pass
+tg = (len(gen.tokens) - first) / (time.perf_counter() - t)
 # VmHWM, not ru_maxrss: the latter can carry the parent's peak across vfork + exec
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
-print(json.dumps({{"load": load, "rss": int(hwm.split()[1]) * 1024, "kv": m.k_cache.nbytes * 2, "tg": tg}}))
+print(json.dumps({{"load": load, "rss": int(hwm.split()[1]) * 1024, "kv": s.k_cache.nbytes * 2, "tg": tg}}))
 """
+# the CLI's default sampling (twofile run / run.py without flags)
+CLI_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+
+
+def generation_speed(model: run.Model, gen_tokens: int, runs: int, **sampling) -> float:
+    """Median tokens/s of Session.generate after its first token (the prompt is not counted)."""
+    speeds = []
+    for seed in range(runs):
+        gen = model.session().generate(model.tokenize("Once upon a time"), max_tokens=gen_tokens + 1, seed=seed,
+                                       ignore_eos=True, **sampling)
+        next(gen)
+        t, first = time.perf_counter(), len(gen.tokens)
+        for _ in gen:
+            pass
+        speeds.append((len(gen.tokens) - first) / (time.perf_counter() - t))
+    return statistics.median(speeds)
+
+
+def sampling_ms(model: run.Model, calls: int = 200) -> float:
+    """Median milliseconds of one sample() with the CLI's defaults, on this model's real logits."""
+    logits = model.session().feed(model.tokenize(PROMPT))
+    rng, times = np.random.default_rng(0), []
+    for _ in range(calls):
+        t = time.perf_counter()
+        run.sample(logits, rng, **CLI_SAMPLING)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
 
 
 def child_load_and_rss(path: Path, gen_tokens: int, numpy_only: bool = False) -> dict:
@@ -265,27 +296,22 @@ def bench_file(path: Path, runs: int, gen_tokens: int, bandwidth: float) -> dict
     prompt = model.tokenize(PROMPT * 40)[:prompt_tokens]
     pp = []
     for _ in range(1 if big else runs):
-        model.cache_ids = []  # no prefix reuse: the whole prompt runs each time
+        session = model.session()  # a new session: no prefix reuse, the whole prompt runs
         t = time.perf_counter()
-        model._prefill(prompt)
+        session.prefill(prompt)
         pp.append(len(prompt) / (time.perf_counter() - t))
-    model.tokenizer.eog_ids = set()  # generate exactly gen_tokens
-    tg = []
-    for _ in range(runs):
-        gen = model.generate(model.tokenize("Once upon a time"), max_tokens=gen_tokens + 1, temperature=0)
-        next(gen)  # the prompt and the first token are not generation speed
-        t = time.perf_counter()
-        n = sum(1 for _ in gen)
-        tg.append(n / (time.perf_counter() - t))
+    tg = generation_speed(model, gen_tokens, runs, temperature=0)
+    tg_sampled = generation_speed(model, gen_tokens, runs, **CLI_SAMPLING)
+    sample_ms = sampling_ms(model)
     per_token = bytes_per_token(model)
     roofline = bandwidth * 1e9 / per_token
     types = sorted({t.type_name for t in model.gguf.tensors.values() if len(t.shape) == 2})
     return {"file": path.name, "types": "/".join(types), "size_mb": path.stat().st_size / 1e6,
             "load_s": statistics.median(c["load"] for c in children),
             "prompt_tokens": len(prompt), "prompt_tok_s": statistics.median(pp),
-            "gen_tokens": gen_tokens, "gen_tok_s": statistics.median(tg),
-            "weights_mb_per_token": per_token / 1e6, "roofline_tok_s": roofline,
-            "roofline_fraction": statistics.median(tg) / roofline,
+            "gen_tokens": gen_tokens, "gen_tok_s": tg, "gen_sampled_tok_s": tg_sampled,
+            "vocab": model.config.n_vocab, "sample_ms": sample_ms, "sample_share": sample_ms * 1e-3 * tg_sampled,
+            "weights_mb_per_token": per_token / 1e6, "roofline_tok_s": roofline, "roofline_fraction": tg / roofline,
             "peak_rss_mb": max(c["rss"] for c in children) / 1e6, "kv_mb": children[0]["kv"] / 1e6}
 
 
@@ -355,6 +381,11 @@ def main():
               f"{r['weights_mb_per_token']:.0f} | {r['roofline_tok_s']:.1f} | {r['roofline_fraction']:.1%} | "
               f"{r['peak_rss_mb']:.0f} ({r['size_mb']:.0f} + {r['kv_mb']:.0f} + "
               f"{r['peak_rss_mb'] - r['size_mb'] - r['kv_mb']:.0f})", flush=True)
+    print("file | vocabulary | generation, greedy | generation, CLI default sampling | sample() ms | "
+          "share of a sampled token's time")
+    for r in results:
+        print(f"{r['file']} | {r['vocab']:,} | {r['gen_tok_s']:.2f} tok/s | {r['gen_sampled_tok_s']:.2f} tok/s | "
+              f"{r['sample_ms']:.3f} | {r['sample_share']:.1%}", flush=True)
     for name, (pp, tg) in LLAMA_CPP.items():
         print(f"llama.cpp (issue figures) {name}: pp512 {pp} tok/s, tg128 {tg} tok/s")
     r = child_load_and_rss(files[0], 9, numpy_only=True)  # what run.py does with numpy alone

@@ -3,7 +3,12 @@ independent writer), tokenizers trained by Hugging Face `tokenizers`, varied tes
 
 from __future__ import annotations
 
+import os
 import random
+
+# numba's pool is sized once, at import, to the machine's cores; the kernel tests run 1, 2
+# and 3 threads (results must not depend on the count), so ask for enough before run.py loads
+os.environ.setdefault("NUMBA_NUM_THREADS", "4")
 
 import numpy as np
 import pytest
@@ -97,6 +102,8 @@ def bpe_metadata(tok, pre: str) -> dict:
 def add_metadata(writer, metadata: dict):
     """Write a metadata dict with types chosen as llama.cpp's converters choose them."""
     for key, value in metadata.items():
+        if isinstance(value, np.ndarray):  # run.py reads numeric arrays as numpy arrays
+            value = value.tolist()
         if isinstance(value, bool):
             writer.add_bool(key, value)
         elif isinstance(value, str):

@@ -1,6 +1,8 @@
 """The commands as a user runs them: run.py alone in an empty folder with numpy only,
 `twofile run` and `twofile chat`, and their errors."""
 
+import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -85,3 +87,30 @@ def test_default_model_demo(smollm2_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(", ") and len(r.stdout.split()) >= 8, r.stdout
+
+
+def subcommands(parser):
+    """Every (name, parser) below a parser, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from subcommands(sub)
+
+
+def test_every_flag_says_its_default_and_train_defaults_are_train_configs():
+    from twofile import cli, train
+
+    checked = 0
+    for name, sub in subcommands(cli.build_parser()):
+        for action in sub._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.required or "(default: " in (action.help or ""), (name, action.option_strings)
+            if action.choices:
+                assert all(str(c) in sub.format_help() for c in action.choices)
+            checked += 1
+    assert checked > 40
+    fields = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+    for flag, (_, _, default, _) in cli.TRAIN_FLAGS.items():
+        assert fields[{"steps": "max_steps", "time": "time_budget"}.get(flag, flag)] == default, flag

@@ -268,3 +268,123 @@ def test_cli_end_to_end_and_errors(tmp_path, tok_path):
              "error: " + str(tmp_path / "d") + ": holds shards of another tokenizer")):
         r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env)
         assert r.returncode == 1 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+
+
+def split_tokens(folder) -> dict[str, list[int]]:
+    return {split: np.concatenate(data.open_split(folder, split) or [np.zeros(0, np.int64)]).tolist()
+            for split in ("train", "val")}
+
+
+def test_one_file_is_split_at_its_end(tmp_path, tok_path):
+    """A lone file (the usual input.txt) holds out its last 1% of bytes, cut at a line start:
+    oracle: `tokenizers` encoding the head and the tail as two documents."""
+    from conftest import varied_strings
+
+    from twofile import train
+
+    text = "\n".join(varied_strings(4000, seed=7)) + "\n"
+    raw = text.encode("utf-8")
+    assert len(raw) > 2 * data.PIECE_BYTES  # several pieces before the cut
+    path = write(tmp_path / "input.txt", raw)
+    manifest = data.prepare([str(path)], str(tok_path), str(tmp_path / "out"), progress=False)  # no flags
+    tok = tokenizer.load(tok_path)
+    bos = tok.token_to_id(tokenizer.BOS)
+    tokens = split_tokens(tmp_path / "out")
+    assert tokens["train"][0] == bos and tokens["val"][:1] == [bos], "both splits start a document"
+    head = tok.decode(tokens["train"][1:], skip_special_tokens=False)
+    tail = text[len(head):]
+    assert head + tail == text and head.endswith("\n") and not tail[0].isspace()
+    assert tokens["train"] == [bos] + tok.encode(head, add_special_tokens=False).ids
+    assert tokens["val"] == [bos] + tok.encode(tail, add_special_tokens=False).ids
+    held = len(tail.encode())
+    assert len(raw) - round(0.99 * len(raw)) <= held < 0.02 * len(raw), held  # the last line start before 99%
+    assert manifest["splits"]["val"]["bytes"] == held and manifest["splits"]["val"]["documents"] == 1
+    # compressed, the same file gives the same shards (its size comes from a counting pass)
+    gz = write(tmp_path / "input.txt.gz", raw, gzip.open)
+    data.prepare([str(gz)], str(tok_path), str(tmp_path / "gz"), progress=False)
+    assert split_tokens(tmp_path / "gz") == tokens
+    # and training takes it with no flags about validation
+    result = train.train(train.TrainConfig(data=str(tmp_path / "out"), out=str(tmp_path / "run"), depth=2, context=32,
+                                           batch_tokens=256, micro_batch=8, max_steps=2, eval_every=2),
+                         progress=False)
+    assert np.isfinite(result["val_bpb"]) and result["step"] == 2
+
+
+def test_standard_input_is_spooled_and_split_like_a_file(tmp_path, tok_path):
+    """`prepare -` gives the shards of the same text as a file, leaves no spool behind, and is
+    never "already prepared" (standard input cannot be compared with last time)."""
+    from conftest import varied_strings
+
+    raw = ("\n".join(varied_strings(600, seed=8)) + "\n").encode()
+    data.prepare([str(write(tmp_path / "in.txt", raw))], str(tok_path), str(tmp_path / "file"), progress=False)
+    cmd = [sys.executable, "-m", "twofile", "data", "prepare", "-", "--tokenizer", str(tok_path), "-o",
+           str(tmp_path / "stdin")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for rerun in (False, True):
+        r = subprocess.run(cmd, input=raw, capture_output=True, env=env)
+        assert r.returncode == 0, r.stderr.decode()
+        assert ("rebuilding" in r.stderr.decode()) == rerun, r.stderr.decode()
+        assert split_tokens(tmp_path / "stdin") == split_tokens(tmp_path / "file")
+        assert split_tokens(tmp_path / "file")["val"], "the text's end is held out"
+        assert not (tmp_path / "stdin" / data.STDIN_SPOOL).exists()
+
+
+def test_whole_files_hold_out_at_most_half():
+    """Whole files for validation only while they hold out at most half of the bytes; else
+    none (and the end of each file is held out instead)."""
+    first, second = sorted(["a.txt", "b.txt"], key=data._unit_hash)  # the order files are picked in
+    small_first = [data.Source(first, first, 10), data.Source(second, second, 1000)]
+    big_first = [data.Source(first, first, 1000), data.Source(second, second, 10)]
+    assert data.validation_files(small_first, 0.01) == {first}
+    assert data.validation_files(big_first, 0.01) == set()  # it would hold out 99% of the bytes
+
+
+def test_default_corpus_keeps_its_validation_play():
+    """The 42 Shakespeare files: whole files by name hash, one play, as the bench figures assume."""
+    from twofile import assets
+
+    sources = data.expand([str(assets.fetch(assets.DEFAULT_CORPUS))])
+    assert len(sources) == 42 and data.validation_files(sources, 0.01) == {"henry_vi_part_2_gut.txt"}
+
+
+def test_a_few_records_still_get_a_validation_record(tmp_path, tok_path):
+    """Records go to validation one by one by hash; when none did, the last record does."""
+    texts = ["first record\n", "second record\n", "third record\n"]
+    path = write(tmp_path / "r.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert all(data._unit_hash(f"r.jsonl:{n}") >= 0.01 for n in (1, 2, 3))  # the hash alone picks none
+    manifest = data.prepare([str(path)], str(tok_path), str(tmp_path / "out"), progress=False)
+    tok = tokenizer.load(tok_path)
+    bos = tok.token_to_id(tokenizer.BOS)
+    expected = [[bos] + tok.encode(t, add_special_tokens=False).ids for t in texts]
+    assert split_tokens(tmp_path / "out") == {"train": expected[0] + expected[1], "val": expected[2]}
+    assert manifest["splits"]["val"]["documents"] == 1
+
+
+def test_a_changed_file_or_an_older_format_is_rebuilt(tmp_path, tok_path, capsys):
+    """Same file names, new contents: the shards are rebuilt, not silently reused. Oracle: a
+    fresh prepare of the new corpus."""
+    corpus = make_corpus(tmp_path / "corpus", 3)
+    out = tmp_path / "out"
+
+    def prepare_again() -> str:
+        data.prepare([str(corpus)], str(tok_path), str(out), progress=False)
+        return capsys.readouterr().err
+
+    prepare_again()
+    before = split_tokens(out)
+    assert "nothing to do" in prepare_again()
+    write(corpus / "doc01.txt", (corpus / "doc01.txt").read_text() + "one more line\n")
+    assert "doc01.txt changed since the shards were made: rebuilding them" in prepare_again()
+    data.prepare([str(corpus)], str(tok_path), str(tmp_path / "fresh"), progress=False)
+    assert split_tokens(out) == split_tokens(tmp_path / "fresh") != before
+    # the same size, only another modification time: rebuilt too
+    stat = (corpus / "doc02.txt").stat()
+    os.utime(corpus / "doc02.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert "doc02.txt changed since the shards were made" in prepare_again()
+    # a manifest of the older format (source names only) is rebuilt, not refused
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": "twofile-shards-1",
+                                                   "sources": [s["name"] for s in manifest["sources"]]}))
+    assert "rebuilding shards of an older format (twofile-shards-1)" in prepare_again()
+    assert json.loads((out / "manifest.json").read_text())["format"] == data.FORMAT
+    assert split_tokens(out) == split_tokens(tmp_path / "fresh")

@@ -2,6 +2,11 @@
 odd shapes, threads, one-token prompts and a full context. The numpy path itself is checked
 against transformers in test_model.py; here both paths must agree."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -43,6 +48,7 @@ def test_matvec_every_type_and_odd_row_counts(qtype, rows):
     expected = w.astype(np.float64) @ x.astype(np.float64)
     scale = np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)  # size of the terms
     for threads in (1, 2, 3):
+        run.numba.set_num_threads(threads)  # the pool (NUMBA_NUM_THREADS, set in conftest) has 4
         out = np.full(rows, np.nan, np.float32)
         run._matvec(raw, int(qtype), x, *run._quantize(x), out, 4 * threads)
         # floats: float32 rounding; quantized: x rounded to 16 bits (error <= 1/65534 of a block's max)
@@ -69,12 +75,9 @@ def test_half_conversion_every_bit_pattern():
 
 def decode_logits(m, ids, use_numba):
     """Logits after each token, fed one at a time through the KV cache."""
-    m.use_numba, m.cache_ids = use_numba, []
-    rows = []
-    for pos, token in enumerate(ids):
-        rows.append(m._next_logits(token, pos))
-        m.cache_ids.append(token)
-    return np.stack(rows)
+    m.use_numba = use_numba
+    s = m.session()
+    return np.stack([s.step(token) for token in ids])
 
 
 @pytest.mark.parametrize("qtype", FLOATS + QUANTIZED, ids=lambda q: q.name)
@@ -96,29 +99,56 @@ def test_both_paths_same_logits_every_type(tmp_path, bpe_tokenizer, qtype):
     assert np.abs(fast - oracle).max() <= (1e-4 if qtype in FLOATS else 1e-3) * scale
 
 
+@pytest.mark.parametrize("qtype", FLOATS + QUANTIZED, ids=lambda q: q.name)
+def test_logits_bit_identical_across_threads_and_batches(tmp_path, bpe_tokenizer, qtype):
+    """The determinism a lossless compressor relies on: the same tokens through the same file
+    give bit-identical logits with 1, 2 and 3 threads, fed one by one, in one batch, or in
+    uneven pieces, in exact sessions (and in default ones, for batches under SHORT_PROMPT)."""
+    model = tiny_llama(tie=False, hidden=256, ff=512, n_head=8, n_head_kv=2, layers=2)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"), qtype=qtype)
+    ids = list(np.random.default_rng(5).integers(0, 320, 70))
+    reference = None
+    for threads in (1, 2, 3):
+        m = run.load(path, threads=threads)
+        assert m.use_numba and m.threads == threads
+        s = m.session(exact=True)
+        one_by_one = np.stack([s.step(t) for t in ids])
+        batch = m.session(exact=True).feed(ids, all_logits=True)
+        s = m.session(exact=True)
+        pieces = np.concatenate([s.feed(ids[a:b], all_logits=True) for a, b in ((0, 1), (1, 40), (40, 70))])
+        short = m.session()  # default session: batches under SHORT_PROMPT take the same path
+        short_pieces = np.concatenate([short.feed(ids[a:a + 10], all_logits=True) for a in range(0, 70, 10)])
+        if reference is None:
+            reference = one_by_one
+        for other in (one_by_one, batch, pieces, short_pieces):
+            assert np.array_equal(other.view(np.uint32), reference.view(np.uint32))
+
+
 def test_one_token_prompt_and_full_context(tmp_path, bpe_tokenizer):
     """A prompt of one token, generation up to the last position of the context, with odd
     head counts (GQA group 3) and threads that do not divide the heads; every greedy token is
     transformers' argmax and the last logits match."""
     model = tiny_llama(tie=True, n_head=6, n_head_kv=2, hidden=96, ff=160, ctx=40)
     path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
-    m = run.load(path, threads=4)
-    assert m.use_numba
+    m = run.load(path, threads=3)
+    assert m.use_numba and m.threads == 3
     prompt = [7]
-    out = list(m.generate(prompt, max_tokens=100, temperature=0))
-    assert m.finish_reason in ("context", "eos")
-    ids = prompt + out
+    s = m.session()
+    gen = s.generate(prompt, max_tokens=100, temperature=0, ignore_eos=True)
+    list(gen)
+    assert gen.finish_reason == "context" and len(gen.tokens) == 40 and len(s.tokens) == 40
+    ids = prompt + gen.tokens
     with torch.no_grad():
         oracle = model(torch.tensor([ids])).logits[0].numpy()
-    for step, token in enumerate(out):
-        row = oracle[step]
+    eog = sorted(m.tokenizer.eog_ids)
+    for step, token in enumerate(gen.tokens):  # transformers' argmax among the tokens not masked
+        row = oracle[step].copy()
+        row[eog] = -np.inf
         assert row[token] >= row.max() - 1e-4
-    if m.finish_reason == "context":
-        assert len(m.cache_ids) == 40
-        last = m._prefill(ids[:40])  # the cache holds 39 of these: only the last one runs, at position 39
-        assert np.abs(last - oracle[39]).max() <= 1e-4 * max(1.0, np.abs(oracle).max())
-        with pytest.raises(run.ContextFull):  # a position past the cache is refused, never written
-            m._next_logits(ids[40], 40)
+    last = s.prefill(ids[:40])  # the cache holds these 40: only the last one runs, at position 39
+    assert np.abs(last - oracle[39]).max() <= 1e-4 * max(1.0, np.abs(oracle).max())
+    with pytest.raises(run.ContextFull):  # a position past the cache is refused, never written
+        s.step(ids[40])
 
 
 def test_short_and_long_prompts_take_the_same_path_to_the_same_logits(tmp_path, bpe_tokenizer, monkeypatch):
@@ -130,8 +160,8 @@ def test_short_and_long_prompts_take_the_same_path_to_the_same_logits(tmp_path, 
     results = []
     for short in (100, 1):
         monkeypatch.setattr(run, "SHORT_PROMPT", short)
-        m = run.load(path)
-        results.append((m._prefill(ids), m._next_logits(9, len(ids))))
+        s = run.load(path).session()
+        results.append((s.prefill(ids), s.step(9)))
     assert np.abs(results[0][0] - results[1][0]).max() <= 1e-4
     assert np.abs(results[0][1] - results[1][1]).max() <= 1e-4
 
@@ -140,9 +170,15 @@ def test_threads_argument(tmp_path, tiny_gguf):
     path, _ = tiny_gguf
     with pytest.raises(ValueError, match="threads must be at least 1"):
         run.load(path, threads=0)
-    a, b = run.load(path, threads=1), run.load(path, threads=64)  # more than the cores: capped
+    a, b = run.load(path, threads=1), run.load(path, threads=64)  # more than numba's pool: capped
+    assert b.threads == run.numba.config.NUMBA_NUM_THREADS
     ids = a.tokenize("The quick brown fox")
-    assert list(a.generate(ids, 8, temperature=0)) == list(b.generate(ids, 8, temperature=0))
+    texts, tokens = [], []
+    for m in (a, b):
+        gen = m.session().generate(ids, 8, temperature=0, ignore_eos=True)
+        texts.append("".join(gen))
+        tokens.append(gen.tokens)
+    assert len(tokens[0]) == 8 and tokens[0] == tokens[1] and texts[0] == texts[1]
 
 
 def test_kernels_that_fail_to_compile_fall_back_to_numpy(tiny_gguf, monkeypatch, capsys):
@@ -157,4 +193,23 @@ def test_kernels_that_fail_to_compile_fall_back_to_numpy(tiny_gguf, monkeypatch,
     m = run.load(path)
     assert not m.use_numba
     assert "could not compile the kernels (TypingError: no such intrinsic); using numpy" in capsys.readouterr().err
-    assert len(list(m.generate(m.tokenize("The quick"), 4, temperature=0))) == 4
+    gen = m.session().generate(m.tokenize("The quick"), 4, temperature=0, ignore_eos=True)
+    list(gen)
+    assert len(gen.tokens) == 4
+
+
+def test_numba_of_another_api_falls_back_at_import(tmp_path, tiny_gguf):
+    """A numba whose API run.py's definitions do not fit (here a stub module with none of it):
+    importing run.py prints one line and generation runs on numpy, never an import error."""
+    (tmp_path / "numba").mkdir()
+    (tmp_path / "numba" / "__init__.py").write_text("__version__ = '0.0-stub'\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import run; m = run.load(sys.argv[2]); "
+            "g = m.session().generate(m.tokenize('The quick'), 3, temperature=0, ignore_eos=True); "
+            "print(len(list(g)) >= 0, len(g.tokens), m.use_numba)")
+    folder = Path(run.__file__).parent
+    r = subprocess.run([sys.executable, "-c", code, str(folder), str(tiny_gguf[0])], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "3", "False"]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.py: numba 0.0-stub does not fit run.py's kernels")

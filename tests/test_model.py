@@ -1,5 +1,6 @@
-"""run.py's forward pass against Hugging Face transformers (the oracle) on tiny random
-Llama models written to GGUF by the gguf package."""
+"""run.py's numpy forward pass (the reference path) against Hugging Face transformers (the
+oracle) on tiny random Llama models written to GGUF by the gguf package. test_kernels.py
+holds numba's kernels to this path and to transformers."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,12 @@ from twofile import run
 Q = gguf.GGMLQuantizationType
 
 
+def load_numpy(path, **kw):
+    m = run.load(path, **kw)
+    m.use_numba = False
+    return m
+
+
 def hf_logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
@@ -20,7 +27,7 @@ def hf_logits(model, ids):
 def test_f32_logits_match_transformers(tmp_path, bpe_tokenizer, tie):
     model = tiny_llama(tie=tie)
     path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
-    m = run.load(path)
+    m = load_numpy(path)
     assert ("output.weight" in m.gguf.tensors) == (not tie)
     ids = list(np.random.default_rng(0).integers(0, 320, 40))
     ours, theirs = m.logits(ids), hf_logits(model, ids)
@@ -35,7 +42,7 @@ def test_quantized_logits_match_transformers(tmp_path, bpe_tokenizer, qtype):
     # weights as gguf.quants decodes them, so only run.py's decoding and forward are tested
     model = tiny_llama(tie=False, hidden=256, ff=512, n_head=4, n_head_kv=1)
     path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"), qtype=qtype)
-    m = run.load(path)
+    m = load_numpy(path)
     assert m.layers[0].wq.type == qtype and m.token_embd.type == qtype
     ids = list(np.random.default_rng(1).integers(0, 320, 24))
     ours, theirs = m.logits(ids), hf_logits(model, ids)
@@ -45,12 +52,13 @@ def test_quantized_logits_match_transformers(tmp_path, bpe_tokenizer, qtype):
 def test_kv_cache_decode_matches_full_pass(tiny_gguf):
     """Token-by-token decoding with the KV cache gives the logits of one full pass."""
     path, model = tiny_gguf
-    m = run.load(path)
+    m = load_numpy(path)
     prompt = m.tokenize("The quick brown fox")
-    generated = list(m.generate(prompt, max_tokens=20, temperature=0))
-    assert len(generated) == 20 or m.finish_reason == "eos"
-    full = hf_logits(model, prompt + generated)
-    for step, token in enumerate(generated):  # each greedy pick is transformers' argmax
+    gen = m.session().generate(prompt, max_tokens=20, temperature=0, ignore_eos=True)
+    list(gen)
+    assert len(gen.tokens) == 20 and gen.finish_reason == "length"
+    full = hf_logits(model, prompt + gen.tokens)
+    for step, token in enumerate(gen.tokens):  # each greedy pick is transformers' argmax
         row = full[len(prompt) - 1 + step]
         assert row[token] >= row.max() - 1e-4
 
@@ -59,27 +67,29 @@ def test_prompt_longer_than_one_batch(tmp_path, bpe_tokenizer, monkeypatch):
     model = tiny_llama(tie=True, ctx=256)
     path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
     monkeypatch.setattr(run, "PROMPT_BATCH", 7)  # the prompt is run in several chunks
-    m = run.load(path)
+    m = load_numpy(path)
     ids = list(np.random.default_rng(2).integers(0, 320, 50))
     assert np.abs(m.logits(ids) - hf_logits(model, ids)).max() <= 1e-4
     # a second prompt sharing a prefix reuses the cache; its last logits are still exact
-    list(m.generate(ids, max_tokens=0))
+    s = m.session()
+    s.prefill(ids)
     more = ids[:30] + [5, 6, 7]
-    step = m._prefill(more)
-    assert np.abs(step - hf_logits(model, more)[-1]).max() <= 1e-4
+    assert np.abs(s.prefill(more) - hf_logits(model, more)[-1]).max() <= 1e-4
+    assert s.tokens == more
 
 
 def test_context_limit(tmp_path, bpe_tokenizer):
     model = tiny_llama(tie=True, ctx=16)
     path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
-    m = run.load(path)
+    m = load_numpy(path)
     with pytest.raises(run.ContextFull, match="17 tokens do not fit in the context of 16"):
         m.logits(list(range(17)))
-    # generation stops cleanly when the context fills, and says so
-    eos = m.tokenizer.eos_id
-    out = list(m.generate([eos + 1] * 10, max_tokens=100, temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=0))
-    if m.finish_reason != "eos":
-        assert m.finish_reason == "context" and len(out) == 16 - 10 + 1
+    # generation stops cleanly when the context fills, and says so: the 16th position's
+    # logits give a 7th token that no position is left to run
+    gen = m.session().generate([5] * 10, max_tokens=100, temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=0,
+                               ignore_eos=True)
+    list(gen)
+    assert gen.finish_reason == "context" and len(gen.tokens) == 16 - 10 + 1
     # --ctx-size makes the window smaller than the model's
     assert run.load(path, n_ctx=8).n_ctx == 8
 

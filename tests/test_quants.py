@@ -17,8 +17,9 @@ def assert_bit_exact(ours, ref):
 
 
 def test_type_table_matches_gguf():
-    for type_id, (name, block, size) in run.GGML_TYPES.items():
-        assert Q(type_id).name == name
+    assert len(run.GGML_TYPES) == len(run.GGMLType)
+    for type_id, (block, size) in run.GGML_TYPES.items():
+        assert Q(type_id).name == run.GGMLType(type_id).name
         assert gguf.GGML_QUANT_SIZES[Q(type_id)] == (block, size)
 
 

@@ -1,6 +1,10 @@
-"""Sampling against hand-computed distributions, and generation's stop rules."""
+"""Sampling against hand-computed distributions and a brute-force reference sampler, and
+generation's stop rules (stop strings on bytes, end of turn) on scripted token sequences."""
+
+import itertools
 
 import numpy as np
+import pytest
 
 from twofile import run
 
@@ -52,37 +56,127 @@ def test_repeat_penalty_divides_positive_and_multiplies_negative():
     np.testing.assert_allclose(f, [1 / 3, 2 / 3], atol=0.03)
 
 
+def reference_distribution(logits, temperature, top_k, top_p, min_p):
+    """The straightforward sampler (sort the whole vocabulary, as run.py did before): the oracle
+    for the partial-selection one."""
+    logits = logits.astype(np.float64) / temperature
+    order = np.argsort(-logits, kind="stable")
+    if 0 < top_k < len(order):
+        order = order[:top_k]
+    probs = np.exp(logits[order] - logits[order].max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
+        order, probs = order[:keep], probs[:keep]
+    if min_p > 0.0:
+        keep = probs >= min_p * probs[0]
+        order, probs = order[keep], probs[keep]
+    return order, probs / probs.sum()
+
+
+@pytest.mark.parametrize("vocab", [50, 5000, 49152])
+def test_distribution_equals_the_full_sort(vocab):
+    """Every combination of filters on peaked and flat logits: the same tokens kept, with the
+    same probabilities, as sorting the whole vocabulary."""
+    rng = np.random.default_rng(vocab)
+    checked = 0
+    for scale, temperature, top_k, top_p, min_p in itertools.product(
+            (0.5, 3.0, 12.0), (0.3, 0.8, 1.5), (0, 1, 40, vocab), (1.0, 0.95, 0.5), (0.0, 0.05, 0.5)):
+        logits = (rng.standard_normal(vocab) * scale).astype(np.float32)
+        ids, p = run.sampling_distribution(logits, temperature, top_k, top_p, min_p)
+        want_ids, want_p = reference_distribution(logits, temperature, top_k, top_p, min_p)
+        order = np.argsort(-logits[ids], kind="stable")
+        assert np.array_equal(np.sort(ids), np.sort(want_ids)), (scale, temperature, top_k, top_p, min_p)
+        np.testing.assert_allclose(p[order], want_p, rtol=1e-9, atol=1e-12)
+        checked += 1
+    assert checked == 324
+
+
 def test_same_seed_same_output(tiny_gguf):
     m = run.load(tiny_gguf[0])
     ids = m.tokenize("The quick")
-    kw = dict(max_tokens=24, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
-    a = list(m.generate(ids, seed=123, **kw))
-    b = list(m.generate(ids, seed=123, **kw))
-    c = list(m.generate(ids, seed=124, **kw))
-    assert a == b and a != c
+    kw = dict(max_tokens=24, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, ignore_eos=True)
+    a, b, c = (m.session().generate(ids, seed=seed, **kw) for seed in (123, 123, 124))
+    texts = ["".join(g) for g in (a, b, c)]
+    assert len(a.tokens) == 24 and a.tokens == b.tokens and texts[0] == texts[1]
+    assert a.tokens != c.tokens
 
 
-def test_stop_strings_end_generation_without_printing_them(tiny_gguf):
+def scripted(m, tokens):
+    """A session whose model 'predicts' the given tokens, one after another, with certainty."""
+    s = m.session()
+    script = iter(list(tokens) + [sorted(m.tokenizer.eog_ids)[0]])
+
+    def logits(*args):
+        row = np.zeros(m.config.n_vocab, np.float32)
+        row[next(script)] = 100.0
+        return row
+
+    s.prefill = s.step = logits
+    s.tokens = [0]
+    return s
+
+
+def byte_tokens(tok, data: bytes) -> list[int]:
+    """One token per byte (byte-level BPE has a token for each)."""
+    return [tok.token_to_id[tok.byte_char[b]] for b in data]
+
+
+def run_script(m, tokens, stop):
+    gen = scripted(m, tokens).generate([1], max_tokens=50, temperature=0, stop=stop)
+    pieces = list(gen)
+    return gen, pieces
+
+
+def test_stop_string_split_across_tokens_and_characters(tiny_gguf):
+    """A stop string whose first character's UTF-8 bytes are split between two tokens still
+    matches on bytes; the text ends exactly where it begins, and everything before it is
+    emitted (OpenAI's rule); no piece holds half a character."""
     m = run.load(tiny_gguf[0])
-    ids = m.tokenize("The quick")
-    kw = dict(max_tokens=40, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=5)
-    full = m.detokenize(list(m.generate(ids, **kw)))
-    assert len(full) > 20
-    stop = full[10:14]
-    out = list(m.generate(ids, stop=[stop], **kw))
-    text = m.detokenize(out)
-    assert m.finish_reason == "stop"
-    assert stop not in text and full.startswith(text) and len(text) <= full.index(stop)
-    # a token that ends a stop string's first half is held back until it is known
-    assert len(text) >= full.index(stop) - max(len(m.tokenizer.token_bytes(t)) for t in out + [0]) - 1
+    tok = m.tokenizer
+    text = "naïve café — fin"
+    tokens = byte_tokens(tok, text.encode())
+    for stop, expected in (("é —", "naïve caf"), ("ïve", "na"), ("fin", "naïve café — "), ("—", "naïve café ")):
+        gen, pieces = run_script(m, tokens, [stop, "never there"])
+        assert gen.finish_reason == "stop" and gen.text == expected == "".join(pieces), stop
+        assert not any("\ufffd" in piece for piece in pieces)
+    gen, pieces = run_script(m, tokens, ["not in it"])
+    assert gen.finish_reason == "eos" and gen.text == text and len(pieces) > 5  # streamed, not held
+    # a multi-byte token that holds text before the stop string: that text is emitted
+    word = next(i for i in range(len(tok.tokens)) if len(tok.token_bytes(i)) >= 3 and tok.token_bytes(i).isalpha())
+    spelled = tok.token_bytes(word).decode()
+    gen, _ = run_script(m, [word] + byte_tokens(tok, b"!!"), [spelled[-1] + "!"])
+    assert gen.text == spelled[:-1] and gen.finish_reason == "stop"
+
+
+def test_stop_strings_with_sentencepiece_keep_the_leading_space(tmp_path, tiny_gguf):
+    """A SentencePiece model's first generated token '▁Hello' is ' Hello' in a continuation:
+    the text before a stop string keeps its spaces."""
+    from conftest import tiny_llama, write_llama_gguf
+    from test_tokenizer import spm_metadata, train_sentencepiece
+
+    sp = train_sentencepiece(tmp_path)
+    path = write_llama_gguf(tmp_path / "spm.gguf", tiny_llama(tie=True, vocab=sp.get_piece_size()), spm_metadata(sp))
+    m = run.load(path)
+    ids = sp.encode("Hello world, the quick")
+    assert sp.id_to_piece(ids[0]).startswith("\u2581")
+    gen, pieces = run_script(m, ids, ["quick"])
+    assert gen.text == " Hello world, the " and gen.finish_reason == "stop"
+    gen, pieces = run_script(m, ids, [])
+    assert gen.text == " Hello world, the quick" and "".join(pieces) == gen.text
 
 
 def test_generation_stops_at_end_of_turn(tiny_gguf):
     m = run.load(tiny_gguf[0])
     end = m.tokenizer.token_to_id["<|im_end|>"]
     assert end in m.tokenizer.eog_ids
+    s = m.session()
     logits = np.zeros(m.config.n_vocab, np.float32)
     logits[end] = 100.0
-    m._prefill = lambda ids: logits  # the next token is certainly <|im_end|>
-    assert list(m.generate([5, 6], max_tokens=10, temperature=0)) == []
-    assert m.finish_reason == "eos"
+    s.prefill = lambda ids: logits  # the next token is certainly <|im_end|>
+    gen = s.generate([5, 6], max_tokens=10, temperature=0)
+    assert list(gen) == [] and gen.finish_reason == "eos" and gen.tokens == []
+    gen = s.generate([5, 6], max_tokens=3, temperature=0, ignore_eos=True)
+    s.step = lambda token: logits
+    list(gen)
+    assert gen.finish_reason == "length" and len(gen.tokens) == 3 and end not in gen.tokens

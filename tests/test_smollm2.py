@@ -36,14 +36,22 @@ def hf_model(smollm2_path):
                                                 dtype=torch.float32).eval()
 
 
-def test_logits_match_transformers(ours, hf_model, hf_tokenizer):
+def test_logits_match_transformers(smollm2_path, hf_model, hf_tokenizer):
+    """Both paths: numpy's float32 (the reference) and numba's kernels (16-bit activations)."""
     ids = hf_tokenizer(PROMPTS[2] + " " + PROMPTS[1])["input_ids"]
     with torch.no_grad():
         theirs = hf_model(torch.tensor([ids])).logits[0].numpy()
-    mine = ours.logits(ids)
+    numpy_path = run.load(smollm2_path)
+    numpy_path.use_numba = False
+    mine = numpy_path.logits(ids)
     # float32 noise: the two sum in different orders over 30 layers; logits reach ~30
     assert np.abs(mine - theirs).max() <= 5e-4
     assert (mine.argmax(-1) == theirs.argmax(-1)).all()
+    kernels = run.load(smollm2_path)
+    if kernels.use_numba:
+        fast = kernels.session(exact=True).feed(ids, all_logits=True)
+        assert np.abs(fast - theirs).max() <= 1e-3 * np.abs(theirs).max()
+        assert (fast.argmax(-1) == theirs.argmax(-1)).all()
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -55,9 +63,11 @@ def test_32_greedy_tokens_identical(ours, hf_model, hf_tokenizer, prompt):
         x = torch.tensor([ids])
         out = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False,
                                 eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
-    mine = list(ours.generate(ids, max_tokens=32, temperature=0))
+    gen = ours.session().generate(ids, max_tokens=32, temperature=0)
+    text = "".join(gen)
+    mine = gen.tokens
     # ours stops at end-of-turn; transformers was told not to, so compare up to it
-    assert mine == out[:len(mine)]
+    assert mine == out[:len(mine)] and text == hf_tokenizer.decode(mine)
     assert len(mine) == 32 or out[len(mine)] in ours.tokenizer.eog_ids
 
 
@@ -97,5 +107,8 @@ def test_chat_template_matches_transformers(ours, hf_tokenizer):
         for add in (True, False):
             assert ours.chat_prompt(messages, add) == hf_tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add)
+            expected = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add)
+            expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+            assert ours.chat_tokens(messages, add) == list(expected)
     assert ours.tokenizer.eos_id in ours.tokenizer.eog_ids
     assert ours.tokenizer.token_to_id["<|im_end|>"] in ours.tokenizer.eog_ids

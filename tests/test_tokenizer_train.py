@@ -52,7 +52,10 @@ def test_run_py_bpe_matches_tokenizers_on_validation_and_varied_text(tmp_path, t
 
 
 def test_special_tokens_and_bytes(trained):
+    import json
+
     tok, _ = trained
+    assert json.loads(tok.to_str())["model"]["ignore_merges"]  # as llama.cpp encodes llama-bpe
     assert [tok.token_to_id(t) for t in tokenizer.SPECIAL_TOKENS] == [0, 1, 2, 3]
     assert tok.get_vocab_size() == 8192
     # every byte is encodable: unseen characters fall back to byte tokens, nothing is lost

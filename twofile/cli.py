@@ -32,8 +32,10 @@ def _corpus(args) -> list[str]:
 
 def _add_corpus_args(p: argparse.ArgumentParser):
     p.add_argument("corpus", nargs="*", help="files, folders, - for stdin (default: Shakespeare's works)")
-    p.add_argument("--field", default="text", help="the text field of .jsonl lines / column of .parquet files")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and report) bad lines and files instead of failing")
+    p.add_argument("--field", default="text",
+                   help="the text field of .jsonl lines / column of .parquet files (default: %(default)s)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and report) bad lines and files instead of failing (default: off)")
 
 
 def tokenizer_train(args) -> None:
@@ -64,10 +66,30 @@ def _duration(text: str) -> float:
     return value
 
 
-# command-line flag -> TrainConfig field
-TRAIN_FLAGS = {"depth": int, "context": int, "batch_tokens": int, "micro_batch": int, "optimizer": str, "lr": float,
-               "schedule": str, "warmup_steps": int, "weight_decay": float, "grad_clip": float, "steps": int,
-               "time": _duration, "eval_every": int, "checkpoint_every": int, "keep_checkpoints": int, "seed": int}
+DEFAULT_VOCAB = 4096  # tokens, for `tokenizer train` and the default corpus of `train` alike
+
+# command-line flag -> (type, choices, default, help). Each is a TrainConfig field of the same
+# name (--steps: max_steps, --time: time_budget) and the default is TrainConfig's (a test checks
+# it), written here so that `twofile run` need not import torch to build its parser.
+TRAIN_FLAGS = {
+    "depth": (int, None, 4, "the model's one size knob: layers; width 48 x depth in 64-wide heads, FFN 8/3 width"),
+    "context": (int, None, 128, "tokens per training sequence (the exported model's context)"),
+    "batch_tokens": (int, None, 4096, "tokens per optimizer step, all ranks and accumulation steps together"),
+    "micro_batch": (int, None, 32, "sequences per forward/backward pass on one rank"),
+    "optimizer": (str, ["muon", "adamw"], "muon", "muon: Muon for hidden matrices, AdamW for the rest; adamw alone"),
+    "lr": (float, None, 3e-3, "peak learning rate"),
+    "schedule": (str, ["wsd", "cosine"], "wsd", "wsd: warmup, constant, linear decay over the last 40%%; or cosine"),
+    "warmup_steps": (int, None, 20, "steps of linear warmup"),
+    "weight_decay": (float, None, 0.0, "decoupled weight decay of the matrices"),
+    "grad_clip": (float, None, 1.0, "clip the gradient norm to this (0: no clipping; a non-finite norm stops "
+                                    "training either way)"),
+    "steps": (int, None, 0, "optimizer steps (0: as many as --time allows)"),
+    "time": (_duration, None, 300.0, "seconds of training, or e.g. 5m, 1.5h (used when --steps is 0)"),
+    "eval_every": (int, None, 100, "steps between evaluations on the whole validation split"),
+    "checkpoint_every": (int, None, 200, "steps between checkpoints"),
+    "keep_checkpoints": (int, None, 2, "how many of the newest checkpoints to keep"),
+    "seed": (int, None, 0, "seed of the initialization and of every batch"),
+}
 
 
 def train_command(args) -> None:
@@ -116,7 +138,7 @@ def eval_command(args) -> None:
           f"perplexity {r['perplexity']:.2f} | bits per byte {r['bits_per_byte']:.4f}")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twofile", description="The whole life of a language model.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help in (("run", "continue a prompt with a GGUF model"),
@@ -134,41 +156,53 @@ def main(argv=None) -> int:
     _add_corpus_args(p)
     p.add_argument("--tokenizer", required=True, help="a tokenizer.json from `twofile tokenizer train`")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
-    p.add_argument("--force", action="store_true", help="replace shards of another tokenizer or corpus")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of the text held out for validation: whole files when there are several, else the "
+                        "end of each file (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace shards of another tokenizer or corpus (default: off)")
     p.set_defaults(action=data_prepare)
 
     tok_parser = commands.add_parser("tokenizer", help="BPE tokenizers").add_subparsers(dest="tokenizer", required=True)
     p = tok_parser.add_parser("train", help="train a byte-level BPE tokenizer")
     _add_corpus_args(p)
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("-o", "--output", default="tok.json", help="where to write tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB,
+                   help="tokens, the 256 bytes and 4 special tokens included (default: %(default)s)")
+    p.add_argument("-o", "--output", default="tok.json", help="where to write tokenizer.json (default: %(default)s)")
     p.set_defaults(action=tokenizer_train)
 
     p = commands.add_parser("train", help="pretrain a Llama model by next-token prediction")
     p.add_argument("--data", help="a folder from `twofile data prepare` (default: the default corpus, prepared)")
-    p.add_argument("--out", default="out", help="run folder: checkpoints, metrics.jsonl, loss.png, model.gguf")
-    p.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint")
-    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size for the default corpus")
-    for flag, kind in TRAIN_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
-    p.add_argument("--untied", action="store_true", help="a separate output matrix instead of tied embeddings")
+    p.add_argument("--out", default="out",
+                   help="run folder: checkpoints, metrics.jsonl, loss.png, model.gguf (default: %(default)s)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint (default: a new run)")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB,
+                   help="tokenizer size for the default corpus (default: %(default)s)")
+    for flag, (kind, choices, default, text) in TRAIN_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, choices=choices, default=None,
+                       help=f"{text} (default: {default})")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun (default: DDP)")
+    p.add_argument("--untied", action="store_true",
+                   help="a separate output matrix instead of tied embeddings (default: tied)")
     p.set_defaults(action=train_command)
 
     p = commands.add_parser("export", help="write a training run as one GGUF file")
     p.add_argument("run", help="a run folder from `twofile train`")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k"])
+    p.add_argument("-o", "--output", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k"],
+                   help="the matrices' tensor type; norms stay f32 (default: %(default)s)")
     p.set_defaults(action=export_command)
 
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte of a GGUF model on a text")
-    p.add_argument("model")
-    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.add_argument("model", help="a .gguf file")
+    p.add_argument("--text", required=True, help="a UTF-8 text file (read as text: special tokens stay text)")
     p.set_defaults(action=eval_command)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     return run.guarded(args.action, args)
 
 

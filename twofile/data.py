@@ -6,12 +6,15 @@
 CORPUS is any mix of .txt/.md files, folders of them (recursive), .jsonl with a text field
 (--field), .parquet with a text column, and - for standard input; each may be compressed
 (.gz, .zst). Without CORPUS, the default corpus. A whole file is one document; so is each
-jsonl line and parquet row. Documents are split into train and validation whole, the same
-way on every run, and each starts with the BOS token in the shards.
+jsonl line and parquet row, and each starts with the BOS token in the shards. The split into
+train and validation is the same on every run: whole text files when there are several (see
+`validation_files`), else the end of each text file (`tail_offsets`: one big input.txt
+trains with no flags); records one by one.
 
 The output folder holds shards (raw uint16 or uint32 tokens, memory-mappable) and a
 manifest.json written last: a folder without a manifest is an interrupted prepare, and a
-rerun rebuilds it.
+rerun rebuilds it. The manifest records each file's size and modification time, so a rerun
+after a file changed rebuilds too.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ PIECE_BYTES = 1 << 16        # texts are read and tokenized in pieces of about t
                              # `tokenizers` needs hundreds of bytes of memory per input byte)
 SHARD_TOKENS = 1 << 24       # 16M tokens per shard (32 MB as uint16)
 MANIFEST = "manifest.json"
-FORMAT = "twofile-shards-1"
+FORMAT = "twofile-shards-2"
+TAIL = ":tail"               # the document name of a text file's held-out end
+STDIN_SPOOL = "stdin.tmp"    # standard input, copied into the output folder while preparing
 
 
 # ---------------------------------------------------------------------------
@@ -66,6 +71,7 @@ class Source:
     path: str       # a file path, or "-" for standard input
     name: str       # the stable name a document's split is decided by
     size: int       # bytes on disk (0 for standard input)
+    mtime_ns: int | None = None  # None for standard input
 
     @property
     def kind(self) -> str:
@@ -92,9 +98,10 @@ def expand(corpus: list[str]) -> list[Source]:
             files = sorted(p for p in path.rglob("*") if p.is_file() and _usable(p))
             if not files:
                 raise ValueError(f"{item}: folder holds no {'/'.join(TEXT_SUFFIXES + RECORD_SUFFIXES)} files")
-            sources += [Source(str(p), p.relative_to(path).as_posix(), p.stat().st_size) for p in files]
+            sources += [Source(str(p), p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in files]
         elif path.is_file():
-            sources.append(Source(item, path.name, path.stat().st_size))
+            sources.append(Source(item, path.name, path.stat().st_size, path.stat().st_mtime_ns))
         else:
             raise FileNotFoundError(2, "No such file or directory", item)
     if not sources:
@@ -144,28 +151,37 @@ def _safe_cut(text: str) -> int:
     return 0
 
 
-def _read_text(source: Source, stats: ReadStats, skip_bad: bool) -> Iterator[tuple[str, str, bool]]:
-    decode, pending, first = _Utf8(stats), "", True
+def _read_text(source: Source, stats: ReadStats, skip_bad: bool,
+               tail_at: int | None = None) -> Iterator[tuple[str, str, bool]]:
+    """A text file in pieces. With tail_at (a byte offset), a read ends there and the text is
+    cut at the last safe cut before it (if the piece holds none, at a later one): what
+    follows is a second document, named name + TAIL."""
+    decode, pending, first, name, offset = _Utf8(stats), "", True, source.name, 0
     with _open(source) as f:
         while True:
-            data = f.read(PIECE_BYTES)
-            if first and b"\0" in data[:8192]:
+            before_tail = tail_at is not None and offset < tail_at
+            data = f.read(min(PIECE_BYTES, tail_at - offset) if before_tail else PIECE_BYTES)
+            if offset == 0 and b"\0" in data[:8192]:
                 if skip_bad:
                     stats.skipped.append(f"{source.path}: binary (NUL bytes)")
                     return
                 raise ValueError(f"{source.path}: looks binary (NUL bytes), not text (--skip-bad skips such files)")
             stats.bytes += len(data)
+            offset += len(data)
             pending += decode(data, final=not data)
             cut = _safe_cut(pending) if data else len(pending)
             if not cut and len(pending) > 8 * PIECE_BYTES:  # no safe cut (one huge line): cut after a space
                 cut = pending.rfind(" ") + 1 or len(pending)
-            if cut and (len(pending) >= PIECE_BYTES or not data):
-                yield source.name, pending[:cut], first
+            head_ends = tail_at is not None and name == source.name and offset >= tail_at
+            if cut and (len(pending) >= PIECE_BYTES or not data or head_ends):
+                yield name, pending[:cut], first
                 pending, first = pending[cut:], False
+                if head_ends:
+                    name, first = source.name + TAIL, True
             if not data:
                 break
     if pending:
-        yield source.name, pending, first
+        yield name, pending, first
 
 
 def _read_records(source: Source, text_field: str, stats: ReadStats, skip_bad: bool):
@@ -228,12 +244,15 @@ def _read_parquet(source: Source, text_field: str, stats: ReadStats, skip_bad: b
 
 
 def read_documents(sources: list[Source], text_field: str = "text", skip_bad: bool = False,
-                   stats: ReadStats | None = None) -> Iterator[tuple[str, str, bool]]:
+                   stats: ReadStats | None = None,
+                   tails: dict[str, int] | None = None) -> Iterator[tuple[str, str, bool]]:
     """Yield (document name, text, starts a document) pieces, streaming: a large file comes
-    in pieces of about PIECE_BYTES, cut where tokenization cannot change."""
+    in pieces of about PIECE_BYTES, cut where tokenization cannot change. `tails` (from
+    `tail_offsets`) makes the end of each text file it names a document of its own."""
     stats = stats if stats is not None else ReadStats()
+    tails = tails or {}
     for source in sources:
-        reader = _read_text(source, stats, skip_bad) if source.kind == "text" else \
+        reader = _read_text(source, stats, skip_bad, tails.get(source.name)) if source.kind == "text" else \
             _read_records(source, text_field, stats, skip_bad)
         for name, text, start in reader:
             stats.documents += start
@@ -258,10 +277,11 @@ def _unit_hash(name: str) -> float:
 
 def validation_files(sources: list[Source], fraction: float) -> set[str]:
     """Whole text files for validation: in the order of their names' hashes, until they hold
-    `fraction` of the bytes, at least one when there are two or more (so a small corpus of
-    plays still gets a held-out play). Records (jsonl lines, parquet rows) are split one by one
-    in `is_validation`."""
-    files = [s for s in sources if s.kind == "text" and s.path != "-"]
+    `fraction` of the bytes (sizes on disk), at least one (so a small corpus of plays still
+    gets a held-out play). Only when there are two or more and the choice holds at most half
+    of the bytes; otherwise none (and `tail_offsets` holds out the end of each file). Records
+    (jsonl lines, parquet rows) are split one by one in `is_validation`."""
+    files = [s for s in sources if s.kind == "text"]
     if fraction <= 0 or len(files) < 2:
         return set()
     total, chosen, held = sum(s.size for s in files), set(), 0
@@ -270,7 +290,29 @@ def validation_files(sources: list[Source], fraction: float) -> set[str]:
             break
         chosen.add(s.name)
         held += s.size
-    return chosen
+    return chosen if held <= total / 2 else set()
+
+
+def _text_bytes(source: Source) -> int:
+    """The bytes a text file holds: its size, or for a compressed file a counting pass through
+    the decompressor, 1 MB at a time (so memory stays flat; the decompression runs twice)."""
+    if not source.path.endswith(COMPRESSED_SUFFIXES):
+        return source.size
+    count = 0
+    with _open(source) as f:
+        while block := f.read(1 << 20):
+            count += len(block)
+    return count
+
+
+def tail_offsets(sources: list[Source], fraction: float) -> dict[str, int]:
+    """For a corpus whose whole files cannot be the validation split (one file, or a file
+    that would hold more than half the bytes): the last `fraction` of each text file's bytes
+    is held out instead, from a cut where tokenization cannot change (see `_read_text`).
+    Returns file name -> the byte offset where its held-out tail begins."""
+    if fraction <= 0:
+        return {}
+    return {s.name: round(_text_bytes(s) * (1 - fraction)) for s in sources if s.kind == "text"}
 
 
 def is_validation(name: str, fraction: float, val_files: set[str], text_files: set[str]) -> bool:
@@ -324,7 +366,10 @@ def _our_files(folder: Path) -> list[Path]:
 
 
 def _check_output(folder: Path, settings: dict, force: bool) -> bool:
-    """Decide what to do with an existing output folder; True when it is already done."""
+    """Decide what to do with an existing output folder; True when it is already done.
+    Rebuilt without --force: an interrupted prepare, shards of an older format, and shards of
+    the same files changed since (sizes or modification times differ) or of standard input
+    (which cannot be compared)."""
     if not folder.exists():
         folder.mkdir(parents=True)
         return False
@@ -336,14 +381,23 @@ def _check_output(folder: Path, settings: dict, force: bool) -> bool:
             old = json.loads(manifest.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = {}
-        if not force and old.get("tokenizer") != settings["tokenizer"]:
-            raise ValueError(f"{folder}: holds shards of another tokenizer ({old.get('tokenizer')}; this one is "
-                             f"{settings['tokenizer']}): choose another output folder, or --force to replace them")
-        if not force and all(old.get(k) == v for k, v in settings.items()):
-            return True
-        if not force:
-            raise ValueError(f"{folder}: holds shards of another corpus or split; choose another output folder, "
-                             f"or --force to replace them")
+        if old.get("format") != FORMAT and not force:
+            print(f"{folder}: rebuilding shards of an older format ({old.get('format')})", file=sys.stderr)
+        elif not force:
+            if old["tokenizer"] != settings["tokenizer"]:
+                raise ValueError(f"{folder}: holds shards of another tokenizer ({old['tokenizer']}; this one is "
+                                 f"{settings['tokenizer']}): choose another output folder, or --force to replace them")
+            names = [s["name"] for s in settings["sources"]]
+            if [s["name"] for s in old["sources"]] != names or \
+                    any(old[k] != v for k, v in settings.items() if k != "sources"):
+                raise ValueError(f"{folder}: holds shards of another corpus or split; choose another output folder, "
+                                 f"or --force to replace them")
+            changed = [new["name"] for new, was in zip(settings["sources"], old["sources"])
+                       if new != was or new["mtime_ns"] is None]
+            if not changed:
+                return True
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+            print(f"{folder}: {changed[0]}{more} changed since the shards were made: rebuilding them", file=sys.stderr)
     elif _our_files(folder):
         print(f"{folder}: removing the partial shards of an interrupted prepare", file=sys.stderr)
     for p in _our_files(folder):
@@ -353,7 +407,8 @@ def _check_output(folder: Path, settings: dict, force: bool) -> bool:
 
 def prepare(corpus: list[str], tokenizer_path: str, out: str, val_fraction: float = 0.01,
             text_field: str = "text", skip_bad: bool = False, force: bool = False, progress: bool = True) -> dict:
-    """Tokenize a corpus into train/val shards in `out`; return the manifest."""
+    """Tokenize a corpus into train/val shards in `out`; return the manifest. Standard input
+    is first copied to a file in `out` (its size must be known to hold out its end)."""
     from twofile import tokenizer as tokenizers_
 
     if not 0 <= val_fraction < 1:
@@ -362,7 +417,8 @@ def prepare(corpus: list[str], tokenizer_path: str, out: str, val_fraction: floa
     sources = expand(corpus)
     folder = Path(out)
     settings = {"format": FORMAT, "tokenizer": tokenizers_.fingerprint(tok), "val_fraction": val_fraction,
-                "sources": [s.name for s in sources], "text_field": text_field}
+                "sources": [{"name": s.name, "bytes": s.size, "mtime_ns": s.mtime_ns} for s in sources],
+                "text_field": text_field}
     if _check_output(folder, settings, force):
         manifest = load_manifest(folder)
         print(f"{folder}: already prepared with this tokenizer and corpus "
@@ -371,34 +427,49 @@ def prepare(corpus: list[str], tokenizer_path: str, out: str, val_fraction: floa
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     bos = tok.token_to_id(tokenizers_.BOS)
+    sources = [_spool_stdin(folder) if s.path == "-" else s for s in sources]
     val_files = validation_files(sources, val_fraction)
-    text_files = {s.name for s in sources if s.kind == "text"}
+    tails = {} if val_files else tail_offsets(sources, val_fraction)
+    text_files = {s.name for s in sources if s.kind == "text"} | {name + TAIL for name in tails}
+    val_files |= {name + TAIL for name in tails}
     writers = {split: _ShardWriter(folder, split, dtype) for split in ("train", "val")}
     stats = ReadStats()
     bar = _progress(sum(s.size for s in sources), progress)
     t0 = time.perf_counter()
     batch: list[tuple[str, str, bool]] = []
+    held = None  # the newest record bound for train waits: it may be needed for validation
 
     def tokenize_batch():
+        nonlocal held
         # `tokenizers` encodes a batch on all cores (its Rust thread pool)
         encoded = tok.encode_batch_fast([text for _, text, _ in batch], add_special_tokens=False)
         for (name, text, start), enc in zip(batch, encoded):
             ids = np.asarray(enc.ids, dtype=np.int64)
             if start:
                 ids = np.concatenate([[bos], ids])
+            piece = (ids, len(text.encode("utf-8")), start)
             split = "val" if is_validation(name, val_fraction, val_files, text_files) else "train"
-            writers[split].add(ids, len(text.encode("utf-8")), start)
+            if split == "train" and held is not None:  # anything later in train comes after it
+                writers["train"].add(*held)
+                held = None
+            if split == "train" and name not in text_files:  # a record
+                held = piece
+            else:
+                writers[split].add(*piece)
         tokens = writers["train"].tokens + writers["val"].tokens
         bar.update(stats.bytes - bar.n)
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9) / 1e3:.0f}k tok/s", refresh=False)
         batch.clear()
 
-    for piece in read_documents(sources, text_field, skip_bad, stats):
+    for piece in read_documents(sources, text_field, skip_bad, stats, tails):
         batch.append(piece)
         if sum(len(t) for _, t, _ in batch) >= 64 * PIECE_BYTES or len(batch) >= 4096:
             tokenize_batch()
     if batch:
         tokenize_batch()
+    if held is not None:  # the last record: validation's only one if none hashed into it (a few records)
+        to_val = val_fraction > 0 and writers["val"].documents == 0 and writers["train"].documents > 0
+        writers["val" if to_val else "train"].add(*held)
     bar.close()
     stats.report()
     if writers["train"].tokens == 0:
@@ -412,11 +483,21 @@ def prepare(corpus: list[str], tokenizer_path: str, out: str, val_fraction: floa
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, folder / MANIFEST)  # last: the folder is complete only once this exists
+    (folder / STDIN_SPOOL).unlink(missing_ok=True)
     elapsed = time.perf_counter() - t0
     print(f"{folder}: {manifest['splits']['train']['tokens']:,} train and {manifest['splits']['val']['tokens']:,} "
           f"val tokens from {stats.documents} documents, {stats.bytes / 1e6:.1f} MB in {elapsed:.1f} s "
           f"({stats.bytes / 1e6 / elapsed:.1f} MB/s)", file=sys.stderr)
     return manifest
+
+
+def _spool_stdin(folder: Path) -> Source:
+    """Standard input copied to a file (on disk, not in memory): where its held-out end
+    begins depends on its size. An interrupted prepare leaves it with the partial shards."""
+    path = folder / STDIN_SPOOL
+    with open(path, "wb") as f:
+        shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+    return Source(str(path), "<stdin>", path.stat().st_size)
 
 
 def _progress(total: int, enabled: bool):
@@ -442,7 +523,8 @@ def load_manifest(folder: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r} (run twofile data prepare "
+                         f"again: it rebuilds the shards)")
     return manifest
 
 

@@ -164,17 +164,18 @@ def export(run_folder: str | Path, path: str | Path, ftype: str = "f32") -> Path
 
 def evaluate_text(model: run.Model, text: str) -> dict:
     """Loss, perplexity and bits per byte of a GGUF model on a text, in windows of its
-    context (each token after the first is predicted exactly once)."""
-    ids = model.tokenize(text)
+    context (each token after the first is predicted exactly once). The text is data: what it
+    spells stays text, even the name of a special token."""
+    ids = model.tokenize(text, parse_special=False)
     if len(ids) < 2:
         raise ValueError("the text is too short to evaluate (fewer than 2 tokens)")
-    n_ctx = model.n_ctx
     nats, count = 0.0, 0
-    for start in range(0, len(ids) - 1, n_ctx):
-        window = ids[start:start + n_ctx + 1]
-        logits = model.logits(window[:-1]).astype(np.float64)
-        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        nats += float((logz - logits[np.arange(len(window) - 1), window[1:]]).sum())
+    for start in range(0, len(ids) - 1, model.n_ctx):
+        window = ids[start:start + model.n_ctx + 1]
+        logits = model.logits(window[:-1])
+        for r in range(0, len(logits), 256):  # float64 a few rows at a time, not (n_ctx, vocab) at once
+            rows = run.log_softmax(logits[r:r + 256])
+            nats -= float(rows[np.arange(len(rows)), window[r + 1:r + 1 + len(rows)]].sum())
         count += len(window) - 1
     n_bytes = len(text.encode("utf-8"))
     return {"tokens": count, "bytes": n_bytes, "loss": nats / count, "perplexity": math.exp(nats / count),

@@ -8,32 +8,38 @@ This is the second of the two files: copy it next to a .gguf and run
 or use it from Python:
 
     import run
-    model = run.load("MODEL.gguf")
-    ids = model.tokenize("Once upon a time")
-    for token in model.generate(ids, max_tokens=32, temperature=0):
-        print(model.detokenize([token]), end="")
+    model = run.load("MODEL.gguf")                  # weights: read-only, shared by sessions
+    session = model.session()                       # one conversation: its own KV cache
+    gen = session.generate(model.tokenize("Once upon a time"), max_tokens=32, temperature=0)
+    for text in gen:                                # whole characters, as they are generated
+        print(text, end="", flush=True)
+    print(gen.finish_reason)                        # 'eos', 'stop', 'length' or 'context'
 
-The file reads top to bottom in the order data flows: GGUF reader, tensor types, compiled
-kernels, tokenizer, model forward pass, sampler, generation and chat, command line. It needs
-only numpy and the standard library; jinja2 renders chat templates when present, and numba,
-when present, compiles the kernels that generate tokens about 40 times faster (--threads N).
+The file reads top to bottom in the order data flows: GGUF reader, tensor types, config and
+the forward pass, tokenizer, sampler, sessions with generation and chat, command line; then,
+as an appendix, the compiled kernels. It needs only numpy and the standard library; jinja2
+renders chat templates when present, and numba, when present, compiles the kernels that
+generate tokens about 40 times faster (--threads N).
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import enum
 import heapq
 import json
+import math
 import mmap
 import os
 import re
 import struct
 import sys
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -62,18 +68,50 @@ _SCALAR_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6:
                   7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 GGUF_STRING, GGUF_ARRAY = 8, 9
 
-# ggml tensor type id -> (name, weights per block, bytes per block); the sizes are needed
-# to bounds-check every tensor, even those of a type run.py cannot decode.
-GGML_TYPES = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
-    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74),
-    18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
-    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
-    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
-    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
-}
+class GGMLType(enum.IntEnum):
+    """ggml's tensor type ids (ggml.h's enum ggml_type; the gguf package uses the same numbers)."""
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q8_1 = 9
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    IQ1_M = 29
+    BF16 = 30
+    TQ1_0 = 34
+    TQ2_0 = 35
+    MXFP4 = 39
+
+
+# type -> (weights per block, bytes per block); the sizes are needed to bounds-check every
+# tensor, even those of a type run.py cannot decode
+GGML_TYPES = {t: size for t, size in zip(GGMLType, [
+    (1, 4), (1, 2), (32, 18), (32, 20), (32, 22), (32, 24), (32, 34), (32, 40),  # F32 .. Q8_1
+    (256, 84), (256, 110), (256, 144), (256, 176), (256, 210), (256, 292),        # Q2_K .. Q8_K
+    (256, 66), (256, 74), (256, 98), (256, 50), (32, 18), (256, 110), (256, 82), (256, 136),  # IQ2_XXS .. IQ4_XS
+    (1, 1), (1, 2), (1, 4), (1, 8), (1, 8), (256, 56), (1, 2),                    # I8 .. F64, IQ1_M, BF16
+    (256, 54), (256, 66), (32, 17)])}                                            # TQ1_0, TQ2_0, MXFP4
 
 
 @dataclass
@@ -87,7 +125,7 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        return GGML_TYPES[self.type][0]
+        return GGMLType(self.type).name
 
 
 @dataclass
@@ -143,12 +181,12 @@ class _Cursor:
                 raise GGUFError(f"{self.path}: {what}: arrays nested deeper than {MAX_ARRAY_DEPTH}")
             etype = self.u32(what + " element type")
             count = self.u64(what + " element count")
-            if etype in _SCALARS:  # numeric arrays in one read, after a size check
-                size = _SCALARS[etype][1]
+            if etype in _SCALARS:  # numeric arrays: a view of the file after a size check, never
+                size = _SCALARS[etype][1]  # a list (1 GB of int32 would be 28 GB of Python ints)
                 self.need(count * size, f"{what} ({count} elements)")
                 arr = np.frombuffer(self.buf, dtype=_SCALAR_DTYPES[etype], count=count, offset=self.pos)
                 self.pos += count * size
-                return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
+                return arr != 0 if etype == 7 else arr
             if etype not in (GGUF_STRING, GGUF_ARRAY):
                 raise GGUFError(f"{self.path}: {what}: unknown array element type {etype}")
             # every string or array element takes at least 8 bytes (its length or header)
@@ -190,7 +228,7 @@ def read_gguf(path: str) -> GGUFFile:
         metadata[key] = cur.value(vtype, f"metadata {key!r}")
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or not 0 < alignment <= 1 << 20:
-        raise GGUFError(f"{path}: general.alignment = {alignment!r} is not a usable alignment")
+        raise GGUFError(f"{path}: general.alignment = {alignment!r:.40} is not a usable alignment")
     infos = []
     for i in range(n_tensors):
         name = cur.string(f"tensor #{i} name")
@@ -202,10 +240,10 @@ def read_gguf(path: str) -> GGUFFile:
         offset = cur.u64(f"tensor {name!r} offset")
         if ttype not in GGML_TYPES:
             raise GGUFError(f"{path}: tensor {name!r} has unknown type id {ttype}")
-        _, block, type_size = GGML_TYPES[ttype]
+        block, type_size = GGML_TYPES[ttype]
         if any(d == 0 for d in dims) or dims[0] % block:
             raise GGUFError(f"{path}: tensor {name!r} has shape {dims} that does not fit its type "
-                            f"{GGML_TYPES[ttype][0]} (first dimension must be a positive multiple of {block})")
+                            f"{GGMLType(ttype).name} (first dimension must be a positive multiple of {block})")
         n = 1
         for d in dims:
             n *= d  # Python ints: no overflow; the size check below bounds it
@@ -315,18 +353,19 @@ def _dequant_q6_k(b):
 
 
 DEQUANTIZE = {
-    0: lambda b: b.view(np.float32),
-    1: lambda b: b.view(np.float16).astype(np.float32),
-    30: lambda b: (b.view(np.uint16).astype(np.uint32) << 16).view(np.float32),
-    2: _dequant_q4_0, 3: _dequant_q4_1, 6: _dequant_q5_0, 7: _dequant_q5_1, 8: _dequant_q8_0,
-    12: _dequant_q4_k, 13: _dequant_q5_k, 14: _dequant_q6_k,
+    GGMLType.F32: lambda b: b.view(np.float32),
+    GGMLType.F16: lambda b: b.view(np.float16).astype(np.float32),
+    GGMLType.BF16: lambda b: (b.view(np.uint16).astype(np.uint32) << 16).view(np.float32),
+    GGMLType.Q4_0: _dequant_q4_0, GGMLType.Q4_1: _dequant_q4_1,
+    GGMLType.Q5_0: _dequant_q5_0, GGMLType.Q5_1: _dequant_q5_1, GGMLType.Q8_0: _dequant_q8_0,
+    GGMLType.Q4_K: _dequant_q4_k, GGMLType.Q5_K: _dequant_q5_k, GGMLType.Q6_K: _dequant_q6_k,
 }
-SUPPORTED_TYPES = ", ".join(GGML_TYPES[t][0] for t in DEQUANTIZE)
+SUPPORTED_TYPES = ", ".join(t.name for t in DEQUANTIZE)
 
 
 def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
     """Raw bytes (..., row_bytes) of one type -> float32 (..., row_weights)."""
-    _, block, type_size = GGML_TYPES[ggml_type]
+    _, type_size = GGML_TYPES[ggml_type]
     lead = raw.shape[:-1]
     blocks = np.ascontiguousarray(raw).reshape(-1, type_size)
     out = DEQUANTIZE[ggml_type](blocks)
@@ -337,7 +376,7 @@ def matmul(x: np.ndarray, w: TensorInfo) -> np.ndarray:
     """x (T, cols) @ w.T for a weight matrix w (rows, cols) kept in its file type."""
     rows, cols = w.shape
     raw = w.data.reshape(rows, -1)
-    if w.type == 0:
+    if w.type == GGMLType.F32:
         return x @ raw.view(np.float32).T
     out = np.empty((x.shape[0], rows), dtype=np.float32)
     chunk = max(1, (1 << 21) // cols)  # about 8 MB of float32 at a time
@@ -352,19 +391,1103 @@ def get_rows(w: TensorInfo, ids) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Kernels: one token through the model on the quantized blocks (optional numba)
+# Config and the forward pass
 # ---------------------------------------------------------------------------
-# Generating a token reads every weight once, so its speed is set by how fast the weights are
-# read and unpacked. With numba installed, the functions below are compiled on first use and
-# cached on disk, and a whole token runs in one call: each row's blocks are unpacked and
-# multiplied in vector registers, rows shared among the threads, nothing decoded to memory.
-# Without numba, or with RUN_PY_NUMBA=0, the numpy forward pass (Model._forward) runs instead.
+
+@dataclass
+class Config:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_ctx: int            # the context length the model was trained for
+    rope_theta: float
+    rope_dims: int        # RoPE rotates the first rope_dims dimensions of each head
+    rope_scale: float     # linear RoPE scaling: positions are divided by this
+    norm_eps: float
+
+
+def _config(gguf: GGUFFile) -> Config:
+    """The llama.* keys, checked."""
+    meta, path = gguf.metadata, gguf.path
+    # every value is checked for its type before use: a crafted file can put an array anywhere
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or arch != "llama":
+        raise GGUFError(f"{path}: architecture {arch!r:.40} is not supported (run.py runs 'llama')")
+    experts = meta.get("llama.expert_count", 0)
+    if not isinstance(experts, int) or experts != 0:
+        raise GGUFError(f"{path}: llama.expert_count = {experts!r:.40}: mixture-of-experts models are not supported")
+
+    def get(key, kind=int, default=None):
+        value = meta.get("llama." + key, default)
+        if value is None:
+            raise GGUFError(f"{path}: metadata llama.{key} is missing")
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 31):
+            raise GGUFError(f"{path}: metadata llama.{key} = {value!r:.40} is not a positive integer")
+        if kind is float and (not isinstance(value, (int, float)) or not 0 < value < 1e30):
+            raise GGUFError(f"{path}: metadata llama.{key} = {value!r:.40} is not a positive number")
+        return kind(value)
+
+    n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    n_head_kv = get("attention.head_count_kv", default=n_head)
+    head_dim = get("attention.key_length", default=n_embd // n_head if n_embd % n_head == 0 else None)
+    if get("attention.value_length", default=head_dim) != head_dim:
+        raise GGUFError(f"{path}: llama.attention.value_length differs from key_length (not supported)")
+    if n_head % n_head_kv:
+        raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+    rope_dims = get("rope.dimension_count", default=head_dim)
+    if rope_dims > head_dim or rope_dims % 2:
+        raise GGUFError(f"{path}: llama.rope.dimension_count = {rope_dims} does not fit head size {head_dim}")
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if not isinstance(scaling, str) or scaling not in ("none", "linear"):
+        raise GGUFError(f"{path}: llama.rope.scaling.type = {scaling!r:.40} is not supported (none, linear)")
+    rope_scale = get("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return Config(
+        n_vocab=get("vocab_size", default=len(tokens) if isinstance(tokens, list) else None), n_embd=n_embd,
+        n_layer=get("block_count"), n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+        n_ff=get("feed_forward_length"), n_ctx=get("context_length"),
+        rope_theta=get("rope.freq_base", float, 10000.0), rope_dims=rope_dims,
+        rope_scale=rope_scale or 1.0, norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-5))
+
+
+def rms_norm(x, weight, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def silu(x):
+    with np.errstate(over="ignore"):  # exp overflow for very negative x gives the right limit, 0
+        return x / (1.0 + np.exp(-x))
+
+
+def softmax(x, axis=-1):
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities of float32 logits (last axis)."""
+    x = x.astype(np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    wq: TensorInfo
+    wk: TensorInfo
+    wv: TensorInfo
+    wo: TensorInfo
+    ffn_norm: np.ndarray
+    w_gate: TensorInfo
+    w_up: TensorInfo
+    w_down: TensorInfo
+
+
+PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
+SHORT_PROMPT = 32   # with numba, fewer new tokens than this run one by one (measured crossover)
+
+
+class Model:
+    """A GGUF Llama model: its weights (memory-mapped, in their file types), tokenizer and
+    config. Read-only once loaded: one Model serves any number of Sessions, from any threads."""
+
+    def __init__(self, gguf: GGUFFile, n_ctx: int | None = None, threads: int | None = None):
+        self.gguf, self.metadata, self.path = gguf, gguf.metadata, gguf.path
+        self.config = c = _config(gguf)
+        self.tokenizer = Tokenizer(gguf.metadata, gguf.path)
+        if len(self.tokenizer.tokens) != c.n_vocab:  # every id the model emits must be a token
+            raise GGUFError(f"{self.path}: llama.vocab_size is {c.n_vocab} but tokenizer.ggml.tokens has "
+                            f"{len(self.tokenizer.tokens)} tokens")
+        self.n_ctx = min(n_ctx or c.n_ctx, c.n_ctx)
+        q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+
+        def tensor(name, shape, matrix=True):
+            t = gguf.tensors.get(name)
+            if t is None:
+                raise GGUFError(f"{self.path}: tensor {name!r} is missing")
+            if t.shape != shape:
+                raise GGUFError(f"{self.path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+            if t.type not in DEQUANTIZE:
+                raise GGUFError(f"{self.path}: tensor {name!r} has type {t.type_name}, which run.py does not "
+                                f"decode (supported: {SUPPORTED_TYPES})")
+            if matrix:
+                return t
+            return dequantize(t.data.reshape(1, -1), t.type).reshape(shape)  # small vectors as float32
+
+        self.token_embd = tensor("token_embd.weight", (c.n_vocab, c.n_embd))
+        # tied embeddings: no output.weight, the output projection reuses the embedding
+        self.output = (tensor("output.weight", (c.n_vocab, c.n_embd))
+                       if "output.weight" in gguf.tensors else self.token_embd)
+        self.output_norm = tensor("output_norm.weight", (c.n_embd,), matrix=False)
+        self.layers = []
+        for i in range(c.n_layer):
+            p = f"blk.{i}."
+            self.layers.append(Layer(
+                attn_norm=tensor(p + "attn_norm.weight", (c.n_embd,), False),
+                wq=tensor(p + "attn_q.weight", (q_dim, c.n_embd)),
+                wk=tensor(p + "attn_k.weight", (kv_dim, c.n_embd)),
+                wv=tensor(p + "attn_v.weight", (kv_dim, c.n_embd)),
+                wo=tensor(p + "attn_output.weight", (c.n_embd, q_dim)),
+                ffn_norm=tensor(p + "ffn_norm.weight", (c.n_embd,), False),
+                w_gate=tensor(p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
+                w_up=tensor(p + "ffn_up.weight", (c.n_ff, c.n_embd)),
+                w_down=tensor(p + "ffn_down.weight", (c.n_embd, c.n_ff))))
+        inv_freq = c.rope_theta ** (-np.arange(0, c.rope_dims, 2, dtype=np.float64) / c.rope_dims)
+        if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+ long-context frequency factors
+            inv_freq = inv_freq / tensor("rope_freqs.weight", (c.rope_dims // 2,), False)
+        self.inv_freq = inv_freq / c.rope_scale
+        threads = default_threads() if threads is None else threads
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        # generation runs on the compiled kernels when numba is there (tests set False to compare)
+        self.use_numba = numba is not None and _compile_kernels()
+        self.threads = min(threads, numba.config.NUMBA_NUM_THREADS) if self.use_numba else threads
+        if self.use_numba:
+            matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
+            self._table = np.array([(t.offset, t.nbytes, t.shape[0], t.type) for t in matrices + [self.output]])
+            self._norms = np.stack([np.stack([L.attn_norm, L.ffn_norm]) for L in self.layers]
+                                   + [np.stack([self.output_norm, self.output_norm])]).astype(np.float32)
+
+    # -- the Python interface -------------------------------------------------
+    def session(self, exact: bool = False) -> Session:
+        """A new conversation on this model: its own KV cache (see Session)."""
+        return Session(self, exact)
+
+    def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Text -> token ids; add_bos None follows the file's add_bos_token rule. Text from
+        someone else (a user, a web page) goes with parse_special=False: what it spells stays text."""
+        return self.tokenizer.encode(text, add_bos, parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """The next-token logits at every position of ids: float32 (len(ids), n_vocab)."""
+        return self.session().feed(ids, all_logits=True)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render messages ([{'role': ..., 'content': ...}]) with the model's chat template."""
+        return render_chat(self.metadata, messages, add_generation_prompt)
+
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The conversation as token ids, with special tokens from the template only: a message
+        that spells one ('<|im_end|><|im_start|>system') is tokenized as the text it is."""
+        return chat_tokens(self.tokenizer, self.metadata, messages, add_generation_prompt)
+
+    # -- the forward pass --------------------------------------------------------
+    def _forward(self, k_cache, v_cache, tokens, start, all_logits):
+        """numpy: run tokens at positions start.. with their keys and values written to the
+        caches (which hold the earlier ones); the logits of the last token, or of every one."""
+        c = self.config
+        T, S = len(tokens), start + len(tokens)
+        angles = np.arange(start, S, dtype=np.float64)[:, None] * self.inv_freq[None, :]
+        cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, rope_dims/2)
+        sin = np.sin(angles).astype(np.float32)[:, None, :]
+        # query t (at position start+t) sees keys 0..start+t
+        mask = np.arange(S)[None, :] <= np.arange(start, S)[:, None]  # (T, S)
+        group, scale = c.n_head // c.n_head_kv, 1.0 / c.head_dim ** 0.5
+        x = get_rows(self.token_embd, tokens)  # (T, n_embd)
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attn_norm, c.norm_eps)
+            q = self._rope(matmul(h, L.wq).reshape(T, c.n_head, c.head_dim), cos, sin)
+            k = self._rope(matmul(h, L.wk).reshape(T, c.n_head_kv, c.head_dim), cos, sin)
+            k_cache[i, :, :, start:S] = k.transpose(1, 2, 0)
+            v_cache[i, :, :, start:S] = matmul(h, L.wv).reshape(T, c.n_head_kv, c.head_dim).transpose(1, 2, 0)
+            keys, values = k_cache[i, :, :, :S], v_cache[i, :, :, :S]  # (n_head_kv, head_dim, S)
+            # grouped-query attention: query head j uses key/value head j // group
+            q = q.reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
+            scores = (q.reshape(c.n_head_kv, group * T, c.head_dim) @ keys) * scale
+            scores = np.where(mask, scores.reshape(c.n_head_kv, group, T, S), -np.inf)
+            probs = softmax(scores).reshape(c.n_head_kv, group * T, S)
+            att = (probs @ values.transpose(0, 2, 1)).reshape(c.n_head_kv, group, T, c.head_dim)
+            x = x + matmul(att.transpose(2, 0, 1, 3).reshape(T, -1), L.wo)
+            h = rms_norm(x, L.ffn_norm, c.norm_eps)
+            x = x + matmul(silu(matmul(h, L.w_gate)) * matmul(h, L.w_up), L.w_down)
+        if not all_logits:
+            x = x[-1:]
+        return matmul(rms_norm(x, self.output_norm, c.norm_eps), self.output)
+
+    def _rope(self, x, cos, sin):
+        """Rotate adjacent pairs (2i, 2i+1) of the first rope_dims of each head: GGUF's
+        llama layout (its converters permute Wq and Wk rows to match)."""
+        d = self.config.rope_dims
+        pairs = x[..., :d].reshape(*x.shape[:-1], d // 2, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        rotated = np.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(*x.shape[:-1], d)
+        return np.concatenate([rotated, x[..., d:]], axis=-1) if d < x.shape[-1] else rotated
+
+    def _decode(self, k_cache, v_cache, token, pos):
+        """One token at position pos through the compiled kernels: its next-token logits."""
+        angles = pos * self.inv_freq
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        x = get_rows(self.token_embd, [token])[0]
+        logits = np.empty(self.config.n_vocab, np.float32)
+        # one kernel call at a time: numba's own thread pool may not be entered from two
+        # threads at once (its 'workqueue' layer aborts), and one call already uses every core
+        with _KERNEL_LOCK:
+            numba.set_num_threads(self.threads)  # per calling thread in numba
+            _decode_token(x, pos, self.gguf.data, self._table, self._norms, k_cache, v_cache, cos, sin,
+                          self.config.n_head, self.config.norm_eps, logits, self.threads)
+        return logits
+
+
+def load(path: str, n_ctx: int | None = None, threads: int | None = None) -> Model:
+    """Load a GGUF model: the tensors stay memory-mapped in their file types."""
+    return Model(read_gguf(path), n_ctx, threads)
+
+
+def default_threads() -> int:
+    """The cores this process may run on (a container's or taskset's limit, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+# Two kinds, both read from the file's metadata: `gpt2` (byte-level BPE with merges and a
+# pre-tokenizer split regex named by tokenizer.ggml.pre) and `llama` (SentencePiece with
+# scores and <0xNN> byte fallback).
+
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# Unicode White_Space, as the `regex` and Oniguruma engines define \s (Python's re also
+# counts U+001C..U+001F, which would split text differently from the reference tokenizers).
+_WS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def _category_class(major: str) -> str:
+    """A regex character class body for one Unicode major category (L letters, N numbers,
+    P punctuation); Python's re has no \\p{L}, so the class is built from unicodedata once per
+    process. Its Unicode version is Python's (14.0 in 3.11, 15.1 in 3.13); llama.cpp's tables
+    are Unicode 15.1, so characters assigned in between can split differently."""
+    parts, start = [], None
+    for c in range(0x32400):  # nothing above this is a letter, a number or punctuation
+        inside = unicodedata.category(chr(c))[0] == major
+        if inside and start is None:
+            start = c
+        elif not inside and start is not None:
+            parts.append(f"\\U{start:08x}-\\U{c - 1:08x}")
+            start = None
+    return "".join(parts)
+
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}"
+                 r"| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]"
+                r"| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+_DIGIT = r"[{N}]"
+# llama.cpp's own default, for "default" and for a file without tokenizer.ggml.pre: runs of
+# punctuation are split off first (so no contraction ever forms), then the GPT-2 split, runs
+# of numbers, and runs of three ASCII digits
+_DEFAULT_SPLITS = [r"[{P}$+<=>^~|]+", _GPT2_SPLIT, r"[{N}]+", r"[0-9][0-9][0-9]"]
+# tokenizer.ggml.pre -> the regexes applied in turn (each splits the pieces of the last),
+# as llama.cpp's llama-vocab.cpp and the models' own tokenizer.json define them.
+PRE_TOKENIZERS = {
+    "default": _DEFAULT_SPLITS, "gpt-2": [_GPT2_SPLIT], "gpt2": [_GPT2_SPLIT],
+    "llama-bpe": [_LLAMA3_SPLIT], "llama3": [_LLAMA3_SPLIT],
+    "smollm": [_DIGIT, _GPT2_SPLIT], "starcoder": [_DIGIT, _GPT2_SPLIT],
+    "qwen2": [_QWEN2_SPLIT],
+}
+# Llama 3's pre-tokenizers (llama.cpp's LLAMA3 type): a word that is itself a token is emitted
+# whole, without BPE (its tokenizer.json's "ignore_merges": its merges alone may split such a
+# word), and BOS is added unless the file says otherwise
+LLAMA3_PRES = ("llama-bpe", "llama3")
+_compiled_splits: dict[str, list[re.Pattern]] = {}
+
+
+def _split_patterns(pre: str) -> list[re.Pattern]:
+    if pre not in _compiled_splits:
+        classes = {c: _category_class(c) for c in "LNP"} | {"S": _WS}
+        _compiled_splits[pre] = [re.compile(p.format(**classes)) for p in PRE_TOKENIZERS[pre]]
+    return _compiled_splits[pre]
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (token strings use it)."""
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class Tokenizer:
+    def __init__(self, meta: dict, path: str = "model"):
+        def get(key, default=None, kind=None):
+            value = meta.get("tokenizer.ggml." + key, default)
+            if kind is not None and value is not None and not isinstance(value, kind):
+                raise GGUFError(f"{path}: tokenizer.ggml.{key} = {value!r:.40} is not a {kind.__name__}")
+            return value
+
+        self.model = get("model", kind=str)
+        if self.model not in ("gpt2", "llama"):
+            raise GGUFError(f"{path}: tokenizer.ggml.model = {self.model!r} is not supported (gpt2 and llama are)")
+        self.tokens: list[str] = get("tokens")
+        if not isinstance(self.tokens, list) or not self.tokens or not all(isinstance(t, str) for t in self.tokens):
+            raise GGUFError(f"{path}: tokenizer.ggml.tokens is missing or not a list of strings")
+        n = len(self.tokens)
+
+        def array(key, kinds, default, label):  # a numeric array of one entry per token, as a list
+            value = get(key, default)
+            if not isinstance(value, np.ndarray) or value.shape != (n,) or value.dtype.kind not in kinds:
+                raise GGUFError(f"{path}: tokenizer.ggml.{key} is not an array of {n} {label}")
+            return value.tolist()
+
+        self.types = array("token_type", "iu", np.full(n, TOKEN_NORMAL), "integers")
+        self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
+
+        def special(key):
+            value = get(key + "_token_id")
+            if value is not None and not (isinstance(value, int) and 0 <= value < n):
+                raise GGUFError(f"{path}: tokenizer.ggml.{key}_token_id = {value!r} is not a token id (0..{n - 1})")
+            return value
+
+        self.bos_id, self.eos_id = special("bos"), special("eos")
+        pre = get("pre", "default", str) if self.model == "gpt2" else None
+        self.add_bos = get("add_bos_token", self.model == "llama" or pre in LLAMA3_PRES, bool)
+        if self.add_bos and self.bos_id is None:
+            raise GGUFError(f"{path}: add_bos_token is set but tokenizer.ggml.bos_token_id is missing")
+        # generation ends on any end-of-generation token: EOS, end-of-turn, and the usual
+        # end-of-turn markers of chat templates, as llama.cpp does
+        eog_texts = {"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"}
+        self.eog_ids = {i for i in (self.eos_id, special("eot"), special("eom")) if i is not None}
+        self.eog_ids |= {i for i, t in enumerate(self.tokens)
+                         if t in eog_texts and self.types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
+        # control, user-defined and unknown tokens written in the text map to their ids: as
+        # llama.cpp does, (text, id) pairs are looked for one by one, the longest (in bytes) first
+        self.specials = sorted(((t, i) for i, (t, ty) in enumerate(zip(self.tokens, self.types))
+                                if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN) and t),
+                               key=lambda s: -len(s[0].encode("utf-8")))
+        # user-defined tokens are split out of all text, also text whose special tokens stay
+        # text (parse_special=False), as llama.cpp and Hugging Face tokenizers do
+        self.user_defined = [(t, i) for t, i in self.specials if self.types[i] == TOKEN_USER_DEFINED]
+        self.special_re = re.compile("|".join(re.escape(t) for t, _ in self.specials)) if self.specials else None
+        # the whitespace after these tokens is dropped: llama.cpp does so for Phi-3's (known by
+        # the model's name; the file does not say), as Phi-3's tokenizer.json marks them rstrip
+        name = meta.get("general.name")
+        phi3 = isinstance(name, str) and ("phi-3" in name.lower() or "phi3" in name.lower())
+        self.rstrip_ids = {i for t, i in self.specials if phi3 and t not in ("<unk>", "<s>", "<|endoftext|>")}
+        self.cache: dict[str, list[int]] = {}
+
+        if self.model == "gpt2":
+            if pre not in PRE_TOKENIZERS:
+                raise GGUFError(f"{path}: tokenizer.ggml.pre = {pre!r} is not supported "
+                                f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+            self.splits = _split_patterns(pre)
+            self.ignore_merges = pre in LLAMA3_PRES
+            merges = get("merges")
+            if not isinstance(merges, list) or not merges or not all(isinstance(m, str) for m in merges):
+                raise GGUFError(f"{path}: tokenizer.ggml.merges is missing or not a list of strings "
+                                f"(required for a gpt2 tokenizer)")
+            self.merge_rank = {}
+            for rank, m in enumerate(merges):
+                left, _, right = m.partition(" ")
+                self.merge_rank.setdefault((left, right), rank)
+            self.byte_char = _byte_to_unicode()
+            self.char_byte = {c: b for b, c in self.byte_char.items()}
+        else:
+            self.scores = array("scores", "iuf", np.zeros(n), "numbers")
+            self.add_space_prefix = get("add_space_prefix", True, bool)
+            self.byte_ids = {}
+            for i, t in enumerate(self.tokens):
+                if self.types[i] == TOKEN_BYTE and len(t) == 6 and t.startswith("<0x"):
+                    self.byte_ids[int(t[3:5], 16)] = i
+            self.unk_id = special("unknown")
+
+    # -- encoding -----------------------------------------------------------
+    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Text -> ids. add_bos None follows the file's add_bos_token rule. parse_special: special
+        tokens written in the text (<|im_end|>) become their ids; False for text from someone
+        else, whose control tokens must stay text (user-defined tokens, ordinary words of the
+        vocabulary, are found either way, as llama.cpp and Hugging Face tokenizers find them)."""
+        return self.encode_fragments(self.fragments(text) if parse_special else [text], add_bos)
+
+    def fragments(self, text: str) -> list[str | int]:
+        """Text split at the special tokens written in it: plain text pieces and special token ids."""
+        return self._split_at(self.specials, [text])
+
+    def _split_at(self, specials: list[tuple[str, int]], pieces: list[str | int]) -> list[str | int]:
+        """Split the text pieces at the (text, id) tokens as llama.cpp does: one token after
+        the other through all the pieces, each occurrence left to right; no empty text is left."""
+        pieces = [p for p in pieces if p != ""]
+        for token, token_id in specials:
+            if not any(isinstance(p, str) and token in p for p in pieces):
+                continue
+            out = []
+            for p in pieces:
+                if isinstance(p, str):
+                    at = p.find(token)
+                    while at >= 0:
+                        if at > 0:
+                            out.append(p[:at])
+                        out.append(token_id)
+                        p = p[at + len(token):]
+                        if token_id in self.rstrip_ids:
+                            p = p.lstrip(" \t\n\v\f\r")  # C's isspace, as llama.cpp
+                        at = p.find(token)
+                    if p:
+                        out.append(p)
+                else:
+                    out.append(p)
+            pieces = out
+        return pieces
+
+    def encode_fragments(self, fragments: Sequence[str | int], add_bos: bool | None = None) -> list[int]:
+        """Plain text pieces (tokenized each on its own, after user-defined tokens are split
+        out of them) and special token ids -> ids."""
+        ids = []
+        if self.add_bos if add_bos is None else add_bos:
+            ids.append(self.bos_id)
+        prev_special = True  # SentencePiece adds its space prefix after a special token
+        for n, chunk in enumerate(fragments):
+            if isinstance(chunk, int):
+                if not (n == 0 and ids and chunk == ids[0]):  # a BOS written in the text: never doubled
+                    ids.append(chunk)
+                prev_special = True
+                continue
+            for piece in self._split_at(self.user_defined, [chunk]):
+                if isinstance(piece, int):
+                    ids.append(piece)
+                elif self.model == "gpt2":
+                    for regex_piece in self._pre_split(piece):
+                        ids.extend(self._bpe_piece(regex_piece))
+                else:
+                    ids.extend(self._spm_fragment((" " if self.add_space_prefix and prev_special else "") + piece))
+                prev_special = isinstance(piece, int)
+        return ids
+
+    def _pre_split(self, text):
+        pieces = [text]
+        for regex in self.splits:
+            out = []
+            for piece in pieces:  # text between matches is kept as a piece of its own
+                pos = 0
+                for m in regex.finditer(piece):
+                    if m.start() > pos:
+                        out.append(piece[pos:m.start()])
+                    if m.end() > m.start():
+                        out.append(m.group())
+                    pos = m.end()
+                if pos < len(piece):
+                    out.append(piece[pos:])
+            pieces = out
+        return pieces
+
+    def _bpe_piece(self, piece: str) -> list[int]:
+        cached = self.cache.get(piece)
+        if cached is not None:
+            return cached
+        word = [self.byte_char[b] for b in piece.encode("utf-8")]
+        if self.ignore_merges and "".join(word) in self.token_to_id:
+            return [self.token_to_id["".join(word)]]
+        rank = self.merge_rank
+        while len(word) > 1:
+            best, best_rank = None, None
+            for i in range(len(word) - 1):
+                r = rank.get((word[i], word[i + 1]))
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best is None:
+                break
+            pair, merged, i = (word[best], word[best + 1]), word[best] + word[best + 1], 0
+            out = []
+            while i < len(word):  # merge every occurrence of the best pair, left to right
+                if i < len(word) - 1 and (word[i], word[i + 1]) == pair:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            word = out
+        ids = []
+        for w in word:
+            if w in self.token_to_id:
+                ids.append(self.token_to_id[w])
+            else:  # a vocabulary without some byte: emit the bytes it does have
+                ids.extend(self.token_to_id[c] for c in w if c in self.token_to_id)
+        if len(self.cache) < 100_000:
+            self.cache[piece] = ids
+        return ids
+
+    def _spm_fragment(self, text: str) -> list[int]:
+        """SentencePiece BPE: repeatedly merge the adjacent pair whose merged token scores
+        highest (leftmost on ties), then fall back to <0xNN> byte tokens for unknown pieces."""
+        text = text.replace(" ", "\u2581")
+        if not text:
+            return []
+        syms = list(text)
+        prev, nxt = list(range(-1, len(syms) - 1)), list(range(1, len(syms) + 1))
+        heap = []
+
+        def push(left):
+            right = nxt[left]
+            if right < len(syms):
+                merged = syms[left] + syms[right]
+                i = self.token_to_id.get(merged)
+                if i is not None:
+                    heapq.heappush(heap, (-self.scores[i], left, merged))
+
+        for i in range(len(syms) - 1):
+            push(i)
+        while heap:
+            _, left, merged = heapq.heappop(heap)
+            right = nxt[left]
+            if right >= len(syms) or not syms[left] or syms[left] + syms[right] != merged:
+                continue  # stale: one side has merged since this pair was pushed
+            syms[left], syms[right] = merged, ""
+            nxt[left] = nxt[right]
+            if nxt[left] < len(syms):
+                prev[nxt[left]] = left
+            if prev[left] >= 0:
+                push(prev[left])
+            push(left)
+        ids = []
+        for s in syms:
+            if not s:
+                continue
+            i = self.token_to_id.get(s)
+            if i is not None and self.types[i] != TOKEN_BYTE:
+                ids.append(i)
+            else:
+                for b in s.encode("utf-8"):
+                    ids.append(self.byte_ids.get(b, self.unk_id if self.unk_id is not None else 0))
+        return ids
+
+    # -- decoding -----------------------------------------------------------
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes one token stands for (control tokens give their written form)."""
+        t = self.tokens[i]
+        if self.types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN):
+            return t.encode("utf-8")
+        if self.model == "gpt2":
+            return bytes(self.char_byte.get(c, 0x3F) for c in t)
+        if self.types[i] == TOKEN_BYTE:
+            return bytes([int(t[3:5], 16)])
+        return t.replace("\u2581", " ").encode("utf-8")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text = b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+        if self.model == "llama" and self.add_space_prefix and text.startswith(" ") \
+                and ids and self.types[ids[0]] == TOKEN_NORMAL:
+            text = text[1:]  # the space prefix added when encoding
+        return text
+
+
+class StreamDecoder:
+    """Turns token ids into text as they arrive, holding back an incomplete UTF-8
+    sequence until the token that completes it (a character can span tokens)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token: int) -> str:
+        return self.utf8.decode(self.tokenizer.token_bytes(token))
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+# ---------------------------------------------------------------------------
+# Sampler
+# ---------------------------------------------------------------------------
+
+def sampling_distribution(logits: np.ndarray, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
+                          min_p: float = 0.05, repeat_penalty: float = 1.0,
+                          recent: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens the sampler may pick and their probabilities (float64, summing to 1), in no
+    particular order. Order as in Hugging Face's generate: repetition penalty, then
+    temperature, then top-k, top-p and min-p filters on the resulting distribution.
+    temperature <= 0 is greedy (argmax); top_k 0, top_p 1 and min_p 0 disable their filters.
+    The vocabulary is never sorted (7 ms at 49k tokens): top-k is a partial selection, min-p a
+    threshold on the logits, and only the few tokens that can survive are sorted for top-p."""
+    if repeat_penalty != 1.0 and len(recent):
+        seen = np.unique(np.asarray(recent))
+        logits = logits.copy()
+        # as in CTRL and llama.cpp: divide positive logits, multiply negative ones
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / repeat_penalty, logits[seen] * repeat_penalty)
+    if temperature <= 0:
+        return np.array([np.argmax(logits)]), np.ones(1)
+    n, top = len(logits), float(logits.max())
+
+    def weights(ids):  # probabilities up to a common factor
+        return np.exp((logits[ids].astype(np.float64) - top) / temperature)
+
+    pool = np.argpartition(logits, n - top_k)[n - top_k:] if 0 < top_k < n else None  # None: all
+    keep = pool
+    if min_p > 0:  # p_i >= min_p * p_max  <=>  logit_i >= max + temperature * ln(min_p)
+        threshold = top + temperature * math.log(min_p)
+        keep = np.flatnonzero(logits >= threshold) if keep is None else keep[logits[keep] >= threshold]
+    if top_p < 1:
+        # the nucleus: the most likely tokens whose mass (in the top-k distribution, or the
+        # whole one) reaches top_p. min-p keeps a prefix of the same order, so the result is
+        # the shorter of the two; without either filter, look at ever more candidates
+        total = weights(pool).sum() if pool is not None else \
+            np.exp((logits - top) / temperature, dtype=np.float32).sum(dtype=np.float64)
+        k = 64
+        while True:
+            candidates = keep if keep is not None else np.argpartition(logits, n - k)[n - k:] if k < n else np.arange(n)
+            order = candidates[np.argsort(-logits[candidates], kind="stable")]
+            mass = np.cumsum(weights(order)) / total
+            if keep is not None or mass[-1] >= top_p or k >= n:
+                break
+            k *= 8
+        keep = order[:int(np.searchsorted(mass, top_p)) + 1]
+    if keep is None:
+        keep = np.arange(n)
+    p = weights(keep)
+    return keep, p / p.sum()
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.8, top_k: int = 40,
+           top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+           recent: Sequence[int] = ()) -> int:
+    """Pick the next token from sampling_distribution (same arguments)."""
+    ids, p = sampling_distribution(logits, temperature, top_k, top_p, min_p, repeat_penalty, recent)
+    if len(ids) == 1:
+        return int(ids[0])
+    cumulative = np.cumsum(p)
+    return int(ids[min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), len(ids) - 1)])
+
+
+# ---------------------------------------------------------------------------
+# Sessions, generation and chat
+# ---------------------------------------------------------------------------
+
+_KERNEL_LOCK = threading.Lock()
+
+
+class Session:
+    """One conversation (or scoring job) on a shared Model: its KV cache and the tokens in it.
+
+        s = model.session()
+        s.feed(ids)                 # logits after the last of ids; s.tokens grows by ids
+        s.step(token)               # the same for one token
+        s.rewind(n)                 # forget all but the first n tokens (their cache is kept)
+        s.prefill(ids)              # hold exactly ids, reusing the longest prefix already held
+        s.logprobs(context, cont)   # log P(cont[i] | context + cont[:i]), context's cache reused
+        s.generate(ids, ...)        # a Generation: iterate for the text
+
+    A session is for one thread at a time; threads share the model, each with its own session.
+    exact=True runs every token through the same one-token path, so a token's logits are
+    bit-identical however the tokens before it were fed (one by one or in batches) and whatever
+    the thread count: what an encoder and a decoder that must agree to the bit need. By
+    default, 32 or more new tokens with numba (2 or more without) run as matrix-matrix products
+    (BLAS), several times faster for long prompts, equal within float32 rounding (1e-3)."""
+
+    def __init__(self, model: Model, exact: bool = False):
+        self.model, self.exact = model, exact
+        self.tokens: list[int] = []  # the tokens whose keys and values are in the cache, in order
+        self.k_cache = self.v_cache = None  # (layers, kv heads, head_dim, positions): positions last
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
+
+    def feed(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append tokens after those in the cache; return the next-token logits after the
+        last one (float32 [n_vocab]) or after each one (float32 [len(ids), n_vocab])."""
+        ids = self._check(ids)
+        start, model = len(self.tokens), self.model
+        self._reserve(start + len(ids))
+        rows = []
+        if self.exact or len(ids) < (SHORT_PROMPT if model.use_numba else 2):
+            # one at a time: with numba, cheaper than decoding every matrix to float32 for a
+            # few tokens; and a token's logits then never depend on its batch
+            for i, token in enumerate(ids):
+                pos = start + i
+                if model.use_numba:
+                    logits = model._decode(self.k_cache, self.v_cache, token, pos)
+                else:
+                    logits = model._forward(self.k_cache, self.v_cache, [token], pos, False)[0]
+                if all_logits or i == len(ids) - 1:
+                    rows.append(logits)
+        else:
+            for i in range(0, len(ids), PROMPT_BATCH):
+                batch = ids[i:i + PROMPT_BATCH]
+                logits = model._forward(self.k_cache, self.v_cache, batch, start + i, all_logits)
+                rows.extend(logits if all_logits else logits[-1:])
+            rows = rows if all_logits else rows[-1:]
+        self.tokens.extend(ids)
+        return np.stack(rows) if all_logits else rows[-1]
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token; the next-token logits after it."""
+        return self.feed([token])
+
+    def rewind(self, n: int) -> None:
+        """Forget every token after the first n (a chat's edited turn, another choice to score)."""
+        if not 0 <= n <= len(self.tokens):
+            raise ValueError(f"cannot rewind to {n}: the session holds {len(self.tokens)} tokens")
+        del self.tokens[n:]
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Make the cache hold exactly ids, reusing the longest prefix it already holds (a chat's
+        earlier turns are not recomputed); return the next-token logits after the last."""
+        ids = self._check(ids, start=0)
+        common = 0
+        for a, b in zip(self.tokens, ids[:-1]):  # the last token always runs: its logits are needed
+            if a != b:
+                break
+            common += 1
+        self.rewind(common)
+        return self.feed(ids[common:])
+
+    def logprobs(self, context: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
+        """log P(continuation[i] | context + continuation[:i]) for each i (float64), as
+        multiple-choice scoring needs: the context's cache is reused across calls, so scoring
+        several continuations of one context computes the context once."""
+        context, continuation = list(context), list(continuation)
+        if not context or not continuation:
+            raise ValueError("logprobs needs a context and a continuation of at least one token each")
+        self._check(context + continuation, start=0)
+        self.prefill(context[:-1]) if len(context) > 1 else self.rewind(0)
+        logits = self.feed(context[-1:] + continuation[:-1], all_logits=True)
+        return log_softmax(logits)[np.arange(len(continuation)), continuation]
+
+    def generate(self, prompt: Sequence[int], max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = (), ignore_eos: bool = False) -> Generation:
+        """Continue prompt (token ids): a Generation to iterate over for the text. It ends at an
+        end-of-generation token (not part of the text; ignore_eos=True never samples one), after
+        max_tokens, when the context is full, or at a stop string (the text ends before it)."""
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens {max_tokens} is negative")
+        return Generation(self, self._check(prompt, start=0), max_tokens,
+                          dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repeat_penalty=repeat_penalty), seed, stop, ignore_eos)
+
+    def _check(self, ids, start=None) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("no tokens to run: the prompt is empty")
+        n_vocab = self.model.config.n_vocab
+        bad = [i for i in ids if not 0 <= i < n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range (vocabulary has {n_vocab})")
+        start = len(self.tokens) if start is None else start
+        if start + len(ids) > self.n_ctx:
+            raise ContextFull(f"{start + len(ids)} tokens do not fit in the context of {self.n_ctx} tokens")
+        return ids
+
+    def _reserve(self, n):
+        c = self.model.config
+        have = 0 if self.k_cache is None else self.k_cache.shape[-1]
+        if n <= have:
+            return
+        size = min(self.n_ctx, max(n, 2 * have, 256))  # grow by doubling up to the context
+        # positions last: attention's inner loops (and matrix products) run along positions
+        shape = (c.n_layer, c.n_head_kv, c.head_dim, size)
+        k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        if have:
+            k[..., :have], v[..., :have] = self.k_cache, self.v_cache
+        self.k_cache, self.v_cache = k, v
+
+
+class Generation:
+    """One call of Session.generate. Iterating yields the new text in pieces (whole UTF-8
+    characters, never a stop string or a piece that may start one); afterwards
+
+        tokens          the sampled token ids (without the end-of-generation token)
+        text            all the text yielded
+        finish_reason   'eos', 'stop' (a stop string), 'length' (max_tokens) or 'context' (full)
+
+    Stop strings are matched on bytes, so one whose characters are split across tokens still
+    matches; the text is cut exactly where it starts (OpenAI's rule)."""
+
+    def __init__(self, session, prompt, max_tokens, sampling, seed, stop, ignore_eos):
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self._steps = self._run(session, prompt, max_tokens, sampling, seed, stop, ignore_eos)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self._steps)
+        self.text += piece
+        return piece
+
+    def _run(self, session, prompt, max_tokens, sampling, seed, stop, ignore_eos):
+        tokenizer = session.model.tokenizer
+        eog = np.array(sorted(tokenizer.eog_ids), dtype=np.int64)
+        stops = [s.encode("utf-8") for s in stop if s]
+        rng = np.random.default_rng(seed)
+        out = bytearray()   # the bytes of every sampled token
+        sent = 0            # how many of them have been yielded as text
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        history = list(prompt)
+        logits = session.prefill(prompt)
+        self.finish_reason = "length"
+        while len(self.tokens) < max_tokens:
+            if ignore_eos and len(eog):
+                logits = logits.copy()
+                logits[eog] = -np.inf
+            token = sample(logits, rng, **sampling, recent=history[-64:])
+            if token in tokenizer.eog_ids:
+                self.finish_reason = "eos"
+                break
+            self.tokens.append(token)
+            history.append(token)
+            before = len(out)
+            out += tokenizer.token_bytes(token)
+            # a stop string that ends in this token's bytes: the text ends where it begins
+            found = [i for i in (out.find(s, max(before - len(s) + 1, 0)) for s in stops) if i >= 0]
+            if found:
+                piece = utf8.decode(bytes(out[sent:min(found)]), final=True)
+                if piece:
+                    yield piece
+                self.finish_reason = "stop"
+                return
+            # hold back a tail that may be the start of a stop string
+            held = next((k for k in range(min(max(map(len, stops), default=1) - 1, len(out) - sent), 0, -1)
+                         if any(s.startswith(out[len(out) - k:]) for s in stops)), 0)
+            piece = utf8.decode(bytes(out[sent:len(out) - held]))
+            sent = len(out) - held
+            if piece:
+                yield piece
+            if len(self.tokens) == max_tokens:  # the last token's logits are never needed
+                break
+            if len(session.tokens) >= session.n_ctx:
+                self.finish_reason = "context"
+                break
+            logits = session.step(token)
+        piece = utf8.decode(bytes(out[sent:]), final=True)
+        if piece:
+            yield piece
+
+
+# Placeholders for the text of special tokens inside chat messages, from Unicode's
+# Supplementary Private Use Area-B (no text means anything by them).
+_PLACEHOLDERS = 0x100000
+_PLACEHOLDER_RE = re.compile("[\U00100000-\U0010FFFD]")
+
+
+def chat_tokens(tokenizer: Tokenizer, metadata: dict, messages: list[dict],
+                add_generation_prompt: bool = True) -> list[int]:
+    """Render messages with the file's chat template and tokenize the result so that special
+    tokens come only from the template: before rendering, every special token spelled in a
+    message (and any placeholder character) is replaced by a placeholder; after splitting the
+    rendered text at the template's special tokens, the placeholders become text again."""
+    originals: list[str] = []
+
+    def hide(match):
+        if len(originals) == 0xFFFE:
+            raise ValueError("the messages spell too many special tokens (65,534 at most)")
+        originals.append(match.group())
+        return chr(_PLACEHOLDERS + len(originals) - 1)
+
+    pattern = _PLACEHOLDER_RE if tokenizer.special_re is None else \
+        re.compile(f"{tokenizer.special_re.pattern}|{_PLACEHOLDER_RE.pattern}")
+    hidden = [{**m, "content": pattern.sub(hide, m["content"])} if isinstance(m.get("content"), str) else m
+              for m in messages]
+    text = render_chat(metadata, hidden, add_generation_prompt)
+
+    def show(match):
+        i = ord(match.group()) - _PLACEHOLDERS
+        return originals[i] if i < len(originals) else match.group()
+
+    fragments = [_PLACEHOLDER_RE.sub(show, f) if isinstance(f, str) else f for f in tokenizer.fragments(text)]
+    return tokenizer.encode_fragments(fragments)
+
+
+def render_chat(metadata: dict, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render the file's tokenizer.chat_template with jinja2 as Hugging Face transformers
+    does; without jinja2, a ChatML-shaped template is rendered as plain ChatML."""
+    template = metadata.get("tokenizer.chat_template")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else []
+
+    def token_text(key):
+        i = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
+
+    if not template or not isinstance(template, str):
+        raise ValueError("this model file has no tokenizer.chat_template: use a plain prompt instead of chat")
+    try:
+        import jinja2
+        import jinja2.sandbox
+    except ImportError:
+        if "<|im_start|>" in template and "<|im_end|>" in template:
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        raise ValueError("this model's chat template needs jinja2 (pip install jinja2); "
+                         "only ChatML templates are rendered without it") from None
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=token_text("bos"), eos_token=token_text("eos"))
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"chat template error: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def add_generation_args(p: argparse.ArgumentParser):
+    p.add_argument("-p", "--prompt", default="Once upon a time",
+                   help="text to continue; special tokens written in it count (default: %(default)r)")
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=40, help="0 = off (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=0.05, help="0 = off (default: %(default)s)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop before this text; repeatable (default: none)")
+    p.add_argument("--ctx-size", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, help="threads for generation (default: the cores available)")
+    p.add_argument("--system", default=None, help="chat: a system message (default: none)")
+
+
+def _check_args(args):
+    for name, ok in (("max_tokens", args.max_tokens >= 0), ("temperature", args.temperature >= 0),
+                     ("top_k", args.top_k >= 0), ("top_p", 0 < args.top_p <= 1),
+                     ("min_p", 0 <= args.min_p < 1), ("repeat_penalty", args.repeat_penalty > 0),
+                     ("ctx_size", args.ctx_size is None or args.ctx_size > 0),
+                     ("threads", args.threads is None or args.threads > 0)):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
+
+
+def _sampling(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+
+
+def _stream(gen: Generation, out=sys.stdout) -> tuple[float, float]:
+    """Print a generation's text as it comes; return the seconds until its first text (the
+    prompt, mostly) and the tokens per second after it."""
+    t0, t_first, first_tokens = time.perf_counter(), None, 0
+    for piece in gen:
+        if t_first is None:
+            t_first, first_tokens = time.perf_counter(), len(gen.tokens)
+        out.write(piece)
+        out.flush()
+    t_end = time.perf_counter()
+    t_first = t_first or t_end
+    return t_first - t0, (len(gen.tokens) - first_tokens) / max(t_end - t_first, 1e-9)
+
+
+def run_prompt(path: str, args) -> None:
+    """`run`: continue a prompt, streaming the text to stdout and timings to stderr."""
+    _check_args(args)
+    t0 = time.perf_counter()
+    model = load(path, args.ctx_size, args.threads)
+    t_load = time.perf_counter() - t0
+    ids = model.tokenize(args.prompt)
+    gen = model.session().generate(ids, args.max_tokens, **_sampling(args))
+    t_prompt, rate = _stream(gen)
+    print(file=sys.stderr)
+    kernels = f"numba, {model.threads} threads" if model.use_numba else "numpy"
+    print(f"load {t_load:.2f} s ({kernels}) | prompt {len(ids)} tokens, {len(ids) / max(t_prompt, 1e-9):.1f} tok/s | "
+          f"generation {len(gen.tokens)} tokens, {rate:.1f} tok/s | stop: {gen.finish_reason}", file=sys.stderr)
+
+
+def run_chat(path: str, args) -> None:
+    """`chat`: an interactive conversation with the model's chat template. One session holds
+    the conversation, so each turn computes only its new tokens."""
+    _check_args(args)
+    model = load(path, args.ctx_size, args.threads)
+    render_chat(model.metadata, [{"role": "user", "content": "hi"}])  # fail early on a bad template
+    session = model.session()
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {model.metadata.get('general.name', path)} "
+              f"(/reset to start over, Ctrl-D to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            gen = session.generate(model.chat_tokens(messages), args.max_tokens, **_sampling(args))
+        except ContextFull as e:
+            messages.pop()
+            print(f"[{e}: /reset to start a new conversation]", file=sys.stderr)
+            continue
+        try:
+            _stream(gen)
+        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the conversation
+            pass
+        print()
+        if gen.finish_reason == "context":
+            print("[the context is full: /reset to start a new conversation]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": gen.text.strip()})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="run.py", description="Run a GGUF Llama model with numpy.")
+    p.add_argument("model", help="path to a .gguf file")
+    p.add_argument("--chat", action="store_true", help="interactive chat with the model's template (default: off)")
+    add_generation_args(p)
+    args = p.parse_args(argv)
+    return guarded(run_chat if args.chat else run_prompt, args.model, args)
+
+
+def guarded(fn, *args) -> int:
+    """Run a command; bad input ends in one clear line on stderr and a non-zero exit."""
+    try:
+        fn(*args)
+        return 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except (OSError, ValueError, MemoryError) as e:
+        message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+# ===========================================================================
+# Appendix: compiled kernels (optional numba)
+# ===========================================================================
+# Everything above runs with numpy alone. Generating a token reads every weight once, so its
+# speed is set by how fast the weights are read and unpacked. With numba installed, the
+# functions below are compiled on first use and cached on disk, and a whole token runs in one
+# call (_decode_token): each row's blocks are unpacked and multiplied in vector registers,
+# rows shared among the threads, nothing decoded to memory. Without numba, or with
+# RUN_PY_NUMBA=0, Model._forward (numpy) runs instead.
 #
 # As in llama.cpp, the activations x are rounded to integers per block of 32, so a block's
 # dot product is integer multiply-adds (16 products per instruction); we round to 16 bits where
 # llama.cpp rounds to 8: the error is at most 1/65534 of the block's largest |x|, and logits
 # match the float32 numpy path to 1e-3 of their scale or better (tested on every tensor type).
 # F32, F16 and BF16 matrices are multiplied in float32.
+#
+# Determinism: every output (a row's dot product, a head's attention) is computed by one thread
+# in a fixed order, so the logits are bit-identical whatever the thread count; a token's logits
+# depend only on the tokens before it, not on how they were fed.
 #
 # numba has no vector type, so the few vector operations are written as LLVM IR (intrinsics):
 # `Lanes` is 16 float32 accumulators kept in a register through a row; the weights of one
@@ -384,248 +1507,253 @@ def _import_numba():
 
 numba = _import_numba()
 
-if numba is not None:
-    from llvmlite import ir as _ir
-    from numba.extending import intrinsic as _intrinsic, models as _models, register_model as _register_model
+try:  # all of numba's and llvmlite's API in one place: a version they do not fit means numpy, not a crash
+    if numba is not None:
+        from llvmlite import ir as _ir
+        from numba.extending import intrinsic as _intrinsic, models as _models, register_model as _register_model
 
-    class _LanesType(numba.types.Type):
-        def __init__(self):
-            super().__init__(name="Lanes")
+        class _LanesType(numba.types.Type):
+            def __init__(self):
+                super().__init__(name="Lanes")
 
-    _lanes = _LanesType()
+        _lanes = _LanesType()
 
-    @_register_model(_LanesType)
-    class _LanesModel(_models.PrimitiveModel):
-        def __init__(self, dmm, fe_type):
-            super().__init__(dmm, fe_type, _ir.VectorType(_ir.FloatType(), 16))
+        @_register_model(_LanesType)
+        class _LanesModel(_models.PrimitiveModel):
+            def __init__(self, dmm, fe_type):
+                super().__init__(dmm, fe_type, _ir.VectorType(_ir.FloatType(), 16))
 
-    _I8, _I16, _I32, _F32 = _ir.IntType(8), _ir.IntType(16), _ir.IntType(32), _ir.FloatType()
+        _I8, _I16, _I32, _F32 = _ir.IntType(8), _ir.IntType(16), _ir.IntType(32), _ir.FloatType()
 
-    def _vec(element, n):
-        return _ir.VectorType(element, n)
+        def _vec(element, n):
+            return _ir.VectorType(element, n)
 
-    def _load(context, builder, array_type, array, index, element, n=None):
-        """Load one element (or a vector of n) of `array` at `index`; no alignment assumed."""
-        data = context.make_array(array_type)(context, builder, array).data
-        kind = element if n is None else _vec(element, n)
-        return builder.load(builder.bitcast(builder.gep(data, [index]), kind.as_pointer()), align=1)
+        def _load(context, builder, array_type, array, index, element, n=None):
+            """Load one element (or a vector of n) of `array` at `index`; no alignment assumed."""
+            data = context.make_array(array_type)(context, builder, array).data
+            kind = element if n is None else _vec(element, n)
+            return builder.load(builder.bitcast(builder.gep(data, [index]), kind.as_pointer()), align=1)
 
-    def _splat(builder, value, n, mask=None):
-        """n copies of a scalar (or, with mask, of the elements of a vector that mask picks)."""
-        if mask is None:
-            value = builder.insert_element(_ir.Constant(_vec(value.type, 1), None), value, _ir.Constant(_I32, 0))
-            mask = [0] * n
-        return builder.shuffle_vector(value, _ir.Constant(value.type, None), _ir.Constant(_vec(_I32, n), mask))
+        def _splat(builder, value, n, mask=None):
+            """n copies of a scalar (or, with mask, of the elements of a vector that mask picks)."""
+            if mask is None:
+                value = builder.insert_element(_ir.Constant(_vec(value.type, 1), None), value, _ir.Constant(_I32, 0))
+                mask = [0] * n
+            return builder.shuffle_vector(value, _ir.Constant(value.type, None), _ir.Constant(_vec(_I32, n), mask))
 
-    def _accumulate(context, builder, acc, q, signed, offset, xq_type, xq, xo, scales):
-        """acc + scales * (pairwise sums of (q - offset) * xq[xo:xo+32]), q 32 bytes; LLVM turns
-        the multiply and pairwise add into one vpmaddwd (pmaddwd, smlal on other CPUs)."""
-        i16x32, i32x32 = _vec(_I16, 32), _vec(_I32, 32)
-        q16 = builder.sext(q, i16x32) if signed else builder.zext(q, i16x32)
-        q16 = builder.sub(q16, _splat(builder, builder.trunc(offset, _I16), 32))
-        x16 = _load(context, builder, xq_type, xq, xo, _I16, 32)
-        products = builder.mul(builder.sext(q16, i32x32), builder.sext(x16, i32x32))
-        pairs = builder.add(_splat(builder, products, 16, list(range(0, 32, 2))),
-                            _splat(builder, products, 16, list(range(1, 32, 2))))
-        lanes = builder.sitofp(pairs, _vec(_F32, 16))
-        f32x16 = _vec(_F32, 16)
-        fmuladd = builder.module.declare_intrinsic("llvm.fmuladd.v16f32",
-                                                   fnty=_ir.FunctionType(f32x16, [f32x16] * 3))
-        return builder.call(fmuladd, [lanes, scales, acc])
-
-    def _two_scales(builder, low, high):
-        """16 lanes: `low` in lanes 0-7 (weights 0-15 of a block), `high` in 8-15 (16-31)."""
-        pair = builder.insert_element(builder.insert_element(
-            _ir.Constant(_vec(_F32, 2), None), low, _ir.Constant(_I32, 0)), high, _ir.Constant(_I32, 1))
-        return _splat(builder, pair, 16, [0] * 8 + [1] * 8)
-
-    @_intrinsic
-    def _zeros(typingctx):
-        def codegen(context, builder, signature, args):
-            return _ir.Constant(_vec(_F32, 16), [0.0] * 16)
-        return _lanes(), codegen
-
-    @_intrinsic
-    def _total(typingctx, acc):
-        """The sum of the 16 lanes."""
-        def codegen(context, builder, signature, args):
-            reduce = builder.module.declare_intrinsic("llvm.vector.reduce.fadd.v16f32",
-                                                      fnty=_ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]))
-            return builder.call(reduce, [_ir.Constant(_F32, 0.0), args[0]], fastmath=("reassoc",))
-        return numba.types.float32(acc), codegen
-
-    @_intrinsic
-    def _prefetch(typingctx, w, o):
-        """Ask for the cache line at byte o of w ahead of its use (never faults, even past the end)."""
-        def codegen(context, builder, signature, args):
-            data = context.make_array(signature.args[0])(context, builder, args[0]).data
-            prefetch = builder.module.declare_intrinsic(  # named .p0 or .p0i8 by the LLVM version
-                "llvm.prefetch", [data.type], _ir.FunctionType(_ir.VoidType(), [data.type, _I32, _I32, _I32]))
-            builder.call(prefetch, [builder.gep(data, [args[1]]), _ir.Constant(_I32, 0), _ir.Constant(_I32, 3),
-                                    _ir.Constant(_I32, 1)])
-            return context.get_dummy_value()
-        return numba.types.none(w, o), codegen
-
-    @_intrinsic
-    def _half(typingctx, w, o):
-        """The IEEE half at bytes o, o+1 of w, as float32."""
-        def codegen(context, builder, signature, args):
-            return builder.fpext(_load(context, builder, signature.args[0], *args, _ir.HalfType()), _F32)
-        return numba.types.float32(w, o), codegen
-
-    @_intrinsic
-    def _bf16(typingctx, w, o):
-        """The bfloat16 at bytes o, o+1 of w, as float32 (its top 16 bits)."""
-        def codegen(context, builder, signature, args):
-            bits = builder.zext(_load(context, builder, signature.args[0], *args, _I16), _I32)
-            return builder.bitcast(builder.shl(bits, _ir.Constant(_I32, 16)), _F32)
-        return numba.types.float32(w, o), codegen
-
-    @_intrinsic
-    def _add_nibbles(typingctx, acc, w, o, high, xq, xo, scale, offset):
-        """Lanes += scale * block . xq[xo:xo+32] for a Q4/Q5 block: 16 bytes at o hold weights
-        j (low nibble) and j+16 (high nibble); for Q5 (high >= 0) bit j of the 4 bytes at
-        `high` is weight j's fifth bit. Weights are the unsigned values minus `offset`."""
-        def codegen(context, builder, signature, args):
-            acc_, w_, o_, high_, xq_, xo_, scale_, offset_ = args
-            wt = signature.args[1]
-            packed = _load(context, builder, wt, w_, o_, _I8, 16)
-            low = builder.and_(packed, _ir.Constant(_vec(_I8, 16), [15] * 16))
-            top = builder.lshr(packed, _ir.Constant(_vec(_I8, 16), [4] * 16))
-            q = builder.shuffle_vector(low, top, _ir.Constant(_vec(_I32, 32), list(range(32))))
-            # branch-free: for Q4 (high < 0) the word is read at o and masked to nothing
-            is_q5 = builder.icmp_signed(">=", high_, _ir.Constant(high_.type, 0))
-            word = _load(context, builder, wt, w_, builder.select(is_q5, high_, o_), _I32)
-            bits = builder.lshr(_splat(builder, word, 32), _ir.Constant(_vec(_I32, 32), list(range(32))))
-            bits = builder.and_(bits, _splat(builder, builder.zext(is_q5, _I32), 32))
-            q = builder.or_(q, builder.shl(builder.trunc(bits, _vec(_I8, 32)), _ir.Constant(_vec(_I8, 32), [4] * 32)))
-            scales = _splat(builder, scale_, 16)
-            return _accumulate(context, builder, acc_, q, False, offset_, signature.args[4], xq_, xo_, scales)
-        return _lanes(acc, w, o, high, xq, xo, scale, offset), codegen
-
-    def _float_vector(context, builder, array_type, array, index, n):
-        return _load(context, builder, array_type, array, index, _F32, n)
-
-    def _element(builder, vector, i):
-        return builder.extract_element(vector, _ir.Constant(_I32, i))
-
-    @_intrinsic
-    def _add_k_block(typingctx, acc, w, o, qs, fifth, xq, xd, xsum, s):
-        """Lanes += one 256-weight Q4_K or Q5_K block at byte o times x[32s:32s+256]: d, dmin,
-        then 8 six-bit scales and mins packed in 12 bytes, then 32 bytes at qs + 32c holding
-        sub-blocks 2c (low nibbles) and 2c+1 (high); for Q5_K (fifth >= 0) bit j of byte l of
-        the 32 bytes at `fifth` is the fifth bit of weight l of sub-block j.
-        weight = d * scale * q - dmin * min; the min terms are added to lanes 0-7."""
-        def codegen(context, builder, signature, args):
-            acc_, w_, o_, qs_, fifth_, xq_, xd_, xsum_, s_ = args
-            wt, xt, ft = signature.args[1], signature.args[5], signature.args[6]
-            i64 = _ir.IntType(64)
-            i8x8, i8x32 = _vec(_I8, 8), _vec(_I8, 32)
-
-            def at(offset, delta):
-                return builder.add(offset, _ir.Constant(offset.type, delta))
-
-            def shuffle(v, picks):
-                return builder.shuffle_vector(v, v, _ir.Constant(_vec(_I32, 8), picks))
-
-            def const8(v):
-                return _ir.Constant(i8x8, [v] * 8)
-
-            d = builder.fpext(_load(context, builder, wt, w_, o_, _ir.HalfType()), _F32)
-            dmin = builder.fpext(_load(context, builder, wt, w_, at(o_, 2), _ir.HalfType()), _F32)
-            packed = _load(context, builder, wt, w_, at(o_, 4), _I8, 16)  # 12 scale bytes (+4 unused)
-            # sub-block j < 4: scale = b[j] & 63, min = b[j+4] & 63; j >= 4: the low (scale) or
-            # high (min) nibble of b[j+4], plus the top two bits of b[j-4] (scale) or b[j] (min)
-            first_four = _ir.Constant(_vec(_ir.IntType(1), 8), [j < 4 for j in range(8)])
-            scale_bits = shuffle(packed, [0, 1, 2, 3, 8, 9, 10, 11])  # b[j], then b[j+4]
-            min_bits = shuffle(packed, [4, 5, 6, 7, 8, 9, 10, 11])  # b[j+4]
-            scale_top = builder.shl(builder.lshr(shuffle(packed, [0, 1, 2, 3, 0, 1, 2, 3]), const8(6)), const8(4))
-            min_top = builder.shl(builder.lshr(shuffle(packed, [4, 5, 6, 7, 4, 5, 6, 7]), const8(6)), const8(4))
-            scales = builder.select(first_four, builder.and_(scale_bits, const8(63)),
-                                    builder.or_(builder.and_(scale_bits, const8(15)), scale_top))
-            mins = builder.select(first_four, builder.and_(min_bits, const8(63)),
-                                  builder.or_(builder.lshr(min_bits, const8(4)), min_top))
-            f32x8 = _vec(_F32, 8)
-            xd8 = _float_vector(context, builder, ft, xd_, s_, 8)
-            scales = builder.fmul(builder.fmul(builder.uitofp(scales, f32x8), _splat(builder, d, 8)), xd8)
-            mins = builder.fmul(builder.uitofp(mins, f32x8), _splat(builder, dmin, 8))
-            mins = builder.fmul(mins, _float_vector(context, builder, ft, xsum_, s_, 8))
-            is_q5 = builder.icmp_signed(">=", fifth_, _ir.Constant(fifth_.type, 0))
-            high = _load(context, builder, wt, w_, builder.select(is_q5, fifth_, qs_), _I8, 32)
-            one = _splat(builder, builder.zext(is_q5, _I8), 32)  # 1 for Q5_K, 0 for Q4_K
-            xo = builder.mul(s_, _ir.Constant(s_.type, 32))
-            zero = _ir.Constant(i64, 0)
-            for pair in range(4):
-                nibbles = _load(context, builder, wt, w_, at(qs_, 32 * pair), _I8, 32)
-                for half in range(2):
-                    j = 2 * pair + half
-                    q = builder.and_(builder.lshr(nibbles, _ir.Constant(i8x32, [4 * half] * 32)),
-                                     _ir.Constant(i8x32, [15] * 32))
-                    bit = builder.and_(builder.lshr(high, _ir.Constant(i8x32, [j] * 32)), one)
-                    q = builder.or_(q, builder.shl(bit, _ir.Constant(i8x32, [4] * 32)))
-                    acc_ = _accumulate(context, builder, acc_, q, False, zero, xt, xq_, at(xo, 32 * j),
-                                       _splat(builder, _element(builder, scales, j), 16))
-            widened = builder.shuffle_vector(mins, _ir.Constant(f32x8, [0.0] * 8),
-                                             _ir.Constant(_vec(_I32, 16), list(range(16))))  # 8 mins, 8 zeros
-            return builder.fsub(acc_, widened)
-        return _lanes(acc, w, o, qs, fifth, xq, xd, xsum, s), codegen
-
-    @_intrinsic
-    def _add_q6_k_block(typingctx, acc, w, o, xq, xd, s):
-        """Lanes += one 256-weight Q6_K block at byte o times x[32s:32s+256]: 128 bytes of low
-        nibbles, 64 of two high bits, 16 int8 scales (one per 16 weights), d. In each half of
-        128 weights, weight 32k+l (k < 4, l < 32) is (nibble k >> 1 of ql byte 32*(k&1)+l) |
-        (bits 2k, 2k+1 of qh byte l) << 4, minus 32."""
-        def codegen(context, builder, signature, args):
-            acc_, w_, o_, xq_, xd_, s_ = args
-            wt, xt, ft = signature.args[1], signature.args[3], signature.args[4]
-            i8x32 = _vec(_I8, 32)
-
-            def at(offset, delta):
-                return builder.add(offset, _ir.Constant(offset.type, delta))
-
-            def const(v):
-                return _ir.Constant(i8x32, [v] * 32)
-
-            d = builder.fpext(_load(context, builder, wt, w_, at(o_, 208), _ir.HalfType()), _F32)
+        def _accumulate(context, builder, acc, q, signed, offset, xq_type, xq, xo, scales):
+            """acc + scales * (pairwise sums of (q - offset) * xq[xo:xo+32]), q 32 bytes; LLVM turns
+            the multiply and pairwise add into one vpmaddwd (pmaddwd, smlal on other CPUs)."""
+            i16x32, i32x32 = _vec(_I16, 32), _vec(_I32, 32)
+            q16 = builder.sext(q, i16x32) if signed else builder.zext(q, i16x32)
+            q16 = builder.sub(q16, _splat(builder, builder.trunc(offset, _I16), 32))
+            x16 = _load(context, builder, xq_type, xq, xo, _I16, 32)
+            products = builder.mul(builder.sext(q16, i32x32), builder.sext(x16, i32x32))
+            pairs = builder.add(_splat(builder, products, 16, list(range(0, 32, 2))),
+                                _splat(builder, products, 16, list(range(1, 32, 2))))
+            lanes = builder.sitofp(pairs, _vec(_F32, 16))
             f32x16 = _vec(_F32, 16)
-            scales = builder.sitofp(_load(context, builder, wt, w_, at(o_, 192), _I8, 16), f32x16)
-            xd8 = _float_vector(context, builder, ft, xd_, s_, 8)  # one per 32 weights: two scales each
-            xd16 = builder.shuffle_vector(xd8, xd8, _ir.Constant(_vec(_I32, 16), [i // 2 for i in range(16)]))
-            scales = builder.fmul(builder.fmul(scales, _splat(builder, d, 16)), xd16)
-            thirty_two = _ir.Constant(_ir.IntType(64), 32)
-            xo = builder.mul(s_, _ir.Constant(s_.type, 32))
-            for n in range(2):
-                a = _load(context, builder, wt, w_, at(o_, 64 * n), _I8, 32)
-                c = _load(context, builder, wt, w_, at(o_, 64 * n + 32), _I8, 32)
-                h = _load(context, builder, wt, w_, at(o_, 128 + 32 * n), _I8, 32)
-                for k, low in enumerate((a, c, a, c)):
-                    nibble = builder.and_(builder.lshr(low, const(4 * (k >> 1))), const(15))
-                    two = builder.shl(builder.and_(builder.lshr(h, const(2 * k)), const(3)), const(4))
-                    sub = 8 * n + 2 * k
-                    pair = _two_scales(builder, _element(builder, scales, sub), _element(builder, scales, sub + 1))
-                    acc_ = _accumulate(context, builder, acc_, builder.or_(nibble, two), False, thirty_two,
-                                       xt, xq_, at(xo, 128 * n + 32 * k), pair)
-            return acc_
-        return _lanes(acc, w, o, xq, xd, s), codegen
+            fmuladd = builder.module.declare_intrinsic("llvm.fmuladd.v16f32",
+                                                       fnty=_ir.FunctionType(f32x16, [f32x16] * 3))
+            return builder.call(fmuladd, [lanes, scales, acc])
 
-    @_intrinsic
-    def _add_int8(typingctx, acc, w, o, xq, xo, scale):
-        """Lanes += scale * block . xq[xo:xo+32] for a Q8_0 block: 32 signed bytes at o."""
-        def codegen(context, builder, signature, args):
-            acc_, w_, o_, xq_, xo_, scale_ = args
-            q = _load(context, builder, signature.args[1], w_, o_, _I8, 32)
-            zero = _ir.Constant(_ir.IntType(64), 0)
-            return _accumulate(context, builder, acc_, q, True, zero, signature.args[3], xq_, xo_,
-                               _splat(builder, scale_, 16))
-        return _lanes(acc, w, o, xq, xo, scale), codegen
+        def _two_scales(builder, low, high):
+            """16 lanes: `low` in lanes 0-7 (weights 0-15 of a block), `high` in 8-15 (16-31)."""
+            pair = builder.insert_element(builder.insert_element(
+                _ir.Constant(_vec(_F32, 2), None), low, _ir.Constant(_I32, 0)), high, _ir.Constant(_I32, 1))
+            return _splat(builder, pair, 16, [0] * 8 + [1] * 8)
 
-    # reassociation lets float sums use vector lanes; no 'no-inf/no-nan' assumptions (exp overflows)
-    _FAST = {"reassoc", "contract", "nsz", "arcp"}
-    _jit = numba.njit(fastmath=_FAST, cache=True)
-    _kernel = numba.njit(fastmath=_FAST, cache=True, parallel=True)
-    _prange = numba.prange
-else:  # nothing below is called without numba; the definitions still read as Python
+        @_intrinsic
+        def _zeros(typingctx):
+            def codegen(context, builder, signature, args):
+                return _ir.Constant(_vec(_F32, 16), [0.0] * 16)
+            return _lanes(), codegen
+
+        @_intrinsic
+        def _total(typingctx, acc):
+            """The sum of the 16 lanes."""
+            def codegen(context, builder, signature, args):
+                reduce = builder.module.declare_intrinsic("llvm.vector.reduce.fadd.v16f32",
+                                                          fnty=_ir.FunctionType(_F32, [_F32, _vec(_F32, 16)]))
+                return builder.call(reduce, [_ir.Constant(_F32, 0.0), args[0]], fastmath=("reassoc",))
+            return numba.types.float32(acc), codegen
+
+        @_intrinsic
+        def _prefetch(typingctx, w, o):
+            """Ask for the cache line at byte o of w ahead of its use (never faults, even past the end)."""
+            def codegen(context, builder, signature, args):
+                data = context.make_array(signature.args[0])(context, builder, args[0]).data
+                prefetch = builder.module.declare_intrinsic(  # named .p0 or .p0i8 by the LLVM version
+                    "llvm.prefetch", [data.type], _ir.FunctionType(_ir.VoidType(), [data.type, _I32, _I32, _I32]))
+                builder.call(prefetch, [builder.gep(data, [args[1]]), _ir.Constant(_I32, 0), _ir.Constant(_I32, 3),
+                                        _ir.Constant(_I32, 1)])
+                return context.get_dummy_value()
+            return numba.types.none(w, o), codegen
+
+        @_intrinsic
+        def _half(typingctx, w, o):
+            """The IEEE half at bytes o, o+1 of w, as float32."""
+            def codegen(context, builder, signature, args):
+                return builder.fpext(_load(context, builder, signature.args[0], *args, _ir.HalfType()), _F32)
+            return numba.types.float32(w, o), codegen
+
+        @_intrinsic
+        def _bf16(typingctx, w, o):
+            """The bfloat16 at bytes o, o+1 of w, as float32 (its top 16 bits)."""
+            def codegen(context, builder, signature, args):
+                bits = builder.zext(_load(context, builder, signature.args[0], *args, _I16), _I32)
+                return builder.bitcast(builder.shl(bits, _ir.Constant(_I32, 16)), _F32)
+            return numba.types.float32(w, o), codegen
+
+        @_intrinsic
+        def _add_nibbles(typingctx, acc, w, o, high, xq, xo, scale, offset):
+            """Lanes += scale * block . xq[xo:xo+32] for a Q4/Q5 block: 16 bytes at o hold weights
+            j (low nibble) and j+16 (high nibble); for Q5 (high >= 0) bit j of the 4 bytes at
+            `high` is weight j's fifth bit. Weights are the unsigned values minus `offset`."""
+            def codegen(context, builder, signature, args):
+                acc_, w_, o_, high_, xq_, xo_, scale_, offset_ = args
+                wt = signature.args[1]
+                packed = _load(context, builder, wt, w_, o_, _I8, 16)
+                low = builder.and_(packed, _ir.Constant(_vec(_I8, 16), [15] * 16))
+                top = builder.lshr(packed, _ir.Constant(_vec(_I8, 16), [4] * 16))
+                q = builder.shuffle_vector(low, top, _ir.Constant(_vec(_I32, 32), list(range(32))))
+                # branch-free: for Q4 (high < 0) the word is read at o and masked to nothing
+                is_q5 = builder.icmp_signed(">=", high_, _ir.Constant(high_.type, 0))
+                word = _load(context, builder, wt, w_, builder.select(is_q5, high_, o_), _I32)
+                bits = builder.lshr(_splat(builder, word, 32), _ir.Constant(_vec(_I32, 32), list(range(32))))
+                bits = builder.and_(bits, _splat(builder, builder.zext(is_q5, _I32), 32))
+                q = builder.or_(q, builder.shl(builder.trunc(bits, _vec(_I8, 32)), _ir.Constant(_vec(_I8, 32), [4] * 32)))
+                scales = _splat(builder, scale_, 16)
+                return _accumulate(context, builder, acc_, q, False, offset_, signature.args[4], xq_, xo_, scales)
+            return _lanes(acc, w, o, high, xq, xo, scale, offset), codegen
+
+        def _float_vector(context, builder, array_type, array, index, n):
+            return _load(context, builder, array_type, array, index, _F32, n)
+
+        def _element(builder, vector, i):
+            return builder.extract_element(vector, _ir.Constant(_I32, i))
+
+        @_intrinsic
+        def _add_k_block(typingctx, acc, w, o, qs, fifth, xq, xd, xsum, s):
+            """Lanes += one 256-weight Q4_K or Q5_K block at byte o times x[32s:32s+256]: d, dmin,
+            then 8 six-bit scales and mins packed in 12 bytes, then 32 bytes at qs + 32c holding
+            sub-blocks 2c (low nibbles) and 2c+1 (high); for Q5_K (fifth >= 0) bit j of byte l of
+            the 32 bytes at `fifth` is the fifth bit of weight l of sub-block j.
+            weight = d * scale * q - dmin * min; the min terms are added to lanes 0-7."""
+            def codegen(context, builder, signature, args):
+                acc_, w_, o_, qs_, fifth_, xq_, xd_, xsum_, s_ = args
+                wt, xt, ft = signature.args[1], signature.args[5], signature.args[6]
+                i64 = _ir.IntType(64)
+                i8x8, i8x32 = _vec(_I8, 8), _vec(_I8, 32)
+
+                def at(offset, delta):
+                    return builder.add(offset, _ir.Constant(offset.type, delta))
+
+                def shuffle(v, picks):
+                    return builder.shuffle_vector(v, v, _ir.Constant(_vec(_I32, 8), picks))
+
+                def const8(v):
+                    return _ir.Constant(i8x8, [v] * 8)
+
+                d = builder.fpext(_load(context, builder, wt, w_, o_, _ir.HalfType()), _F32)
+                dmin = builder.fpext(_load(context, builder, wt, w_, at(o_, 2), _ir.HalfType()), _F32)
+                packed = _load(context, builder, wt, w_, at(o_, 4), _I8, 16)  # 12 scale bytes (+4 unused)
+                # sub-block j < 4: scale = b[j] & 63, min = b[j+4] & 63; j >= 4: the low (scale) or
+                # high (min) nibble of b[j+4], plus the top two bits of b[j-4] (scale) or b[j] (min)
+                first_four = _ir.Constant(_vec(_ir.IntType(1), 8), [j < 4 for j in range(8)])
+                scale_bits = shuffle(packed, [0, 1, 2, 3, 8, 9, 10, 11])  # b[j], then b[j+4]
+                min_bits = shuffle(packed, [4, 5, 6, 7, 8, 9, 10, 11])  # b[j+4]
+                scale_top = builder.shl(builder.lshr(shuffle(packed, [0, 1, 2, 3, 0, 1, 2, 3]), const8(6)), const8(4))
+                min_top = builder.shl(builder.lshr(shuffle(packed, [4, 5, 6, 7, 4, 5, 6, 7]), const8(6)), const8(4))
+                scales = builder.select(first_four, builder.and_(scale_bits, const8(63)),
+                                        builder.or_(builder.and_(scale_bits, const8(15)), scale_top))
+                mins = builder.select(first_four, builder.and_(min_bits, const8(63)),
+                                      builder.or_(builder.lshr(min_bits, const8(4)), min_top))
+                f32x8 = _vec(_F32, 8)
+                xd8 = _float_vector(context, builder, ft, xd_, s_, 8)
+                scales = builder.fmul(builder.fmul(builder.uitofp(scales, f32x8), _splat(builder, d, 8)), xd8)
+                mins = builder.fmul(builder.uitofp(mins, f32x8), _splat(builder, dmin, 8))
+                mins = builder.fmul(mins, _float_vector(context, builder, ft, xsum_, s_, 8))
+                is_q5 = builder.icmp_signed(">=", fifth_, _ir.Constant(fifth_.type, 0))
+                high = _load(context, builder, wt, w_, builder.select(is_q5, fifth_, qs_), _I8, 32)
+                one = _splat(builder, builder.zext(is_q5, _I8), 32)  # 1 for Q5_K, 0 for Q4_K
+                xo = builder.mul(s_, _ir.Constant(s_.type, 32))
+                zero = _ir.Constant(i64, 0)
+                for pair in range(4):
+                    nibbles = _load(context, builder, wt, w_, at(qs_, 32 * pair), _I8, 32)
+                    for half in range(2):
+                        j = 2 * pair + half
+                        q = builder.and_(builder.lshr(nibbles, _ir.Constant(i8x32, [4 * half] * 32)),
+                                         _ir.Constant(i8x32, [15] * 32))
+                        bit = builder.and_(builder.lshr(high, _ir.Constant(i8x32, [j] * 32)), one)
+                        q = builder.or_(q, builder.shl(bit, _ir.Constant(i8x32, [4] * 32)))
+                        acc_ = _accumulate(context, builder, acc_, q, False, zero, xt, xq_, at(xo, 32 * j),
+                                           _splat(builder, _element(builder, scales, j), 16))
+                widened = builder.shuffle_vector(mins, _ir.Constant(f32x8, [0.0] * 8),
+                                                 _ir.Constant(_vec(_I32, 16), list(range(16))))  # 8 mins, 8 zeros
+                return builder.fsub(acc_, widened)
+            return _lanes(acc, w, o, qs, fifth, xq, xd, xsum, s), codegen
+
+        @_intrinsic
+        def _add_q6_k_block(typingctx, acc, w, o, xq, xd, s):
+            """Lanes += one 256-weight Q6_K block at byte o times x[32s:32s+256]: 128 bytes of low
+            nibbles, 64 of two high bits, 16 int8 scales (one per 16 weights), d. In each half of
+            128 weights, weight 32k+l (k < 4, l < 32) is (nibble k >> 1 of ql byte 32*(k&1)+l) |
+            (bits 2k, 2k+1 of qh byte l) << 4, minus 32."""
+            def codegen(context, builder, signature, args):
+                acc_, w_, o_, xq_, xd_, s_ = args
+                wt, xt, ft = signature.args[1], signature.args[3], signature.args[4]
+                i8x32 = _vec(_I8, 32)
+
+                def at(offset, delta):
+                    return builder.add(offset, _ir.Constant(offset.type, delta))
+
+                def const(v):
+                    return _ir.Constant(i8x32, [v] * 32)
+
+                d = builder.fpext(_load(context, builder, wt, w_, at(o_, 208), _ir.HalfType()), _F32)
+                f32x16 = _vec(_F32, 16)
+                scales = builder.sitofp(_load(context, builder, wt, w_, at(o_, 192), _I8, 16), f32x16)
+                xd8 = _float_vector(context, builder, ft, xd_, s_, 8)  # one per 32 weights: two scales each
+                xd16 = builder.shuffle_vector(xd8, xd8, _ir.Constant(_vec(_I32, 16), [i // 2 for i in range(16)]))
+                scales = builder.fmul(builder.fmul(scales, _splat(builder, d, 16)), xd16)
+                thirty_two = _ir.Constant(_ir.IntType(64), 32)
+                xo = builder.mul(s_, _ir.Constant(s_.type, 32))
+                for n in range(2):
+                    a = _load(context, builder, wt, w_, at(o_, 64 * n), _I8, 32)
+                    c = _load(context, builder, wt, w_, at(o_, 64 * n + 32), _I8, 32)
+                    h = _load(context, builder, wt, w_, at(o_, 128 + 32 * n), _I8, 32)
+                    for k, low in enumerate((a, c, a, c)):
+                        nibble = builder.and_(builder.lshr(low, const(4 * (k >> 1))), const(15))
+                        two = builder.shl(builder.and_(builder.lshr(h, const(2 * k)), const(3)), const(4))
+                        sub = 8 * n + 2 * k
+                        pair = _two_scales(builder, _element(builder, scales, sub), _element(builder, scales, sub + 1))
+                        acc_ = _accumulate(context, builder, acc_, builder.or_(nibble, two), False, thirty_two,
+                                           xt, xq_, at(xo, 128 * n + 32 * k), pair)
+                return acc_
+            return _lanes(acc, w, o, xq, xd, s), codegen
+
+        @_intrinsic
+        def _add_int8(typingctx, acc, w, o, xq, xo, scale):
+            """Lanes += scale * block . xq[xo:xo+32] for a Q8_0 block: 32 signed bytes at o."""
+            def codegen(context, builder, signature, args):
+                acc_, w_, o_, xq_, xo_, scale_ = args
+                q = _load(context, builder, signature.args[1], w_, o_, _I8, 32)
+                zero = _ir.Constant(_ir.IntType(64), 0)
+                return _accumulate(context, builder, acc_, q, True, zero, signature.args[3], xq_, xo_,
+                                   _splat(builder, scale_, 16))
+            return _lanes(acc, w, o, xq, xo, scale), codegen
+
+        # reassociation lets float sums use vector lanes; no 'no-inf/no-nan' assumptions (exp overflows)
+        _FAST = {"reassoc", "contract", "nsz", "arcp"}
+        _jit = numba.njit(fastmath=_FAST, cache=True)
+        _kernel = numba.njit(fastmath=_FAST, cache=True, parallel=True)
+        _prange = numba.prange
+except Exception as e:  # numba and llvmlite report API mismatches with many exception types
+    print(f"run.py: numba {numba.__version__} does not fit run.py's kernels ({type(e).__name__}: "
+          f"{(str(e).strip().splitlines() or [''])[0]}); using numpy", file=sys.stderr)
+    numba = None
+if numba is None:  # nothing below is called without numba; the definitions still read as Python
     def _jit(fn):
         return fn
     _kernel, _prange = _jit, range
@@ -750,39 +1878,41 @@ def _row_q6_k(w, xq, xd, xsum):  # 210 bytes per 256 weights (see _add_q6_k_bloc
 @_jit
 def _rows(w, ggml_type, x, xq, xd, xsum, out, first, last):
     """out[r] = row r of w . x for first <= r < last; one type test per call, not per row."""
-    if ggml_type == 0:
+    if ggml_type == GGMLType.F32:
         for r in range(first, last):
             out[r] = _row_f32(w[r], x)
-    elif ggml_type == 1:
+    elif ggml_type == GGMLType.F16:
         for r in range(first, last):
             out[r] = _row_f16(w[r], x)
-    elif ggml_type == 30:
+    elif ggml_type == GGMLType.BF16:
         for r in range(first, last):
             out[r] = _row_bf16(w[r], x)
-    elif ggml_type == 8:
+    elif ggml_type == GGMLType.Q8_0:
         for r in range(first, last):
             out[r] = _row_q8_0(w[r], xq, xd, xsum)
-    elif ggml_type == 2:
+    elif ggml_type == GGMLType.Q4_0:
         for r in range(first, last):
             out[r] = _row_q4_0(w[r], xq, xd, xsum)
-    elif ggml_type == 3:
+    elif ggml_type == GGMLType.Q4_1:
         for r in range(first, last):
             out[r] = _row_q4_1(w[r], xq, xd, xsum)
-    elif ggml_type == 6:
+    elif ggml_type == GGMLType.Q5_0:
         for r in range(first, last):
             out[r] = _row_q5_0(w[r], xq, xd, xsum)
-    elif ggml_type == 7:
+    elif ggml_type == GGMLType.Q5_1:
         for r in range(first, last):
             out[r] = _row_q5_1(w[r], xq, xd, xsum)
-    elif ggml_type == 12:
+    elif ggml_type == GGMLType.Q4_K:
         for r in range(first, last):
             out[r] = _row_q4_k(w[r], xq, xd, xsum)
-    elif ggml_type == 13:
+    elif ggml_type == GGMLType.Q5_K:
         for r in range(first, last):
             out[r] = _row_q5_k(w[r], xq, xd, xsum)
-    else:
+    elif ggml_type == GGMLType.Q6_K:
         for r in range(first, last):
             out[r] = _row_q6_k(w[r], xq, xd, xsum)
+    else:  # Model refuses such files at load; never read bytes as a type they are not
+        raise ValueError("no kernel for this tensor type")
 
 
 @_jit
@@ -940,834 +2070,6 @@ def _compile_kernels() -> bool:
                   f"({type(e).__name__}: {first_line}); using numpy", file=sys.stderr)
             _compiled = False
     return _compiled
-
-
-# ---------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------
-# Two kinds, both read from the file's metadata: `gpt2` (byte-level BPE with merges and a
-# pre-tokenizer split regex named by tokenizer.ggml.pre) and `llama` (SentencePiece with
-# scores and <0xNN> byte fallback).
-
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-
-# Unicode White_Space, as the `regex` and Oniguruma engines define \s (Python's re also
-# counts U+001C..U+001F, which would split text differently from the reference tokenizers).
-_WS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
-
-def _category_class(major: str) -> str:
-    """A regex character class body for one Unicode major category (L letters, N numbers);
-    Python's re has no \\p{L}, so the class is built from unicodedata once per process."""
-    parts, start = [], None
-    for c in range(0x32400):  # nothing above this is a letter or a number
-        inside = unicodedata.category(chr(c))[0] == major
-        if inside and start is None:
-            start = c
-        elif not inside and start is not None:
-            parts.append(f"\\U{start:08x}-\\U{c - 1:08x}")
-            start = None
-    return "".join(parts)
-
-
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}"
-                 r"| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]"
-                r"| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
-_DIGIT = r"[{N}]"
-# tokenizer.ggml.pre -> the regexes applied in turn (each splits the pieces of the last),
-# as llama.cpp's llama-vocab.cpp and the models' own tokenizer.json define them.
-PRE_TOKENIZERS = {
-    "default": [_GPT2_SPLIT], "gpt-2": [_GPT2_SPLIT], "gpt2": [_GPT2_SPLIT],
-    "llama-bpe": [_LLAMA3_SPLIT], "llama3": [_LLAMA3_SPLIT],
-    "smollm": [_DIGIT, _GPT2_SPLIT], "starcoder": [_DIGIT, _GPT2_SPLIT],
-    "qwen2": [_QWEN2_SPLIT],
-}
-_compiled_splits: dict[str, list[re.Pattern]] = {}
-
-
-def _split_patterns(pre: str) -> list[re.Pattern]:
-    if pre not in _compiled_splits:
-        classes = {"L": _category_class("L"), "N": _category_class("N"), "S": _WS}
-        _compiled_splits[pre] = [re.compile(p.format(**classes)) for p in PRE_TOKENIZERS[pre]]
-    return _compiled_splits[pre]
-
-
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (token strings use it)."""
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-class Tokenizer:
-    def __init__(self, meta: dict, path: str = "model"):
-        def get(key, default=None, kind=None):
-            value = meta.get("tokenizer.ggml." + key, default)
-            if kind is not None and value is not None and not isinstance(value, kind):
-                raise GGUFError(f"{path}: tokenizer.ggml.{key} = {value!r:.40} is not a {kind.__name__}")
-            return value
-
-        self.model = get("model", kind=str)
-        if self.model not in ("gpt2", "llama"):
-            raise GGUFError(f"{path}: tokenizer.ggml.model = {self.model!r} is not supported (gpt2 and llama are)")
-        self.tokens: list[str] = get("tokens")
-        if not isinstance(self.tokens, list) or not self.tokens or not all(isinstance(t, str) for t in self.tokens):
-            raise GGUFError(f"{path}: tokenizer.ggml.tokens is missing or not a list of strings")
-        n = len(self.tokens)
-
-        def array(key, kind, default, label):
-            value = get(key, default)
-            if not isinstance(value, list) or len(value) != n or not all(isinstance(v, kind) for v in value):
-                raise GGUFError(f"{path}: tokenizer.ggml.{key} is not a list of {n} {label}")
-            return value
-
-        self.types = array("token_type", int, [TOKEN_NORMAL] * n, "integers")
-        self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
-
-        def special(key):
-            value = get(key + "_token_id")
-            if value is not None and not (isinstance(value, int) and 0 <= value < n):
-                raise GGUFError(f"{path}: tokenizer.ggml.{key}_token_id = {value!r} is not a token id (0..{n - 1})")
-            return value
-
-        self.bos_id, self.eos_id = special("bos"), special("eos")
-        self.add_bos = get("add_bos_token", self.model == "llama", bool)
-        if self.add_bos and self.bos_id is None:
-            raise GGUFError(f"{path}: add_bos_token is set but tokenizer.ggml.bos_token_id is missing")
-        # generation ends on any end-of-generation token: EOS, end-of-turn, and the usual
-        # end-of-turn markers of chat templates, as llama.cpp does
-        eog_texts = {"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"}
-        self.eog_ids = {i for i in (self.eos_id, special("eot"), special("eom")) if i is not None}
-        self.eog_ids |= {i for i, t in enumerate(self.tokens)
-                         if t in eog_texts and self.types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)}
-        # control and user-defined tokens written in the text map to their ids (longest first)
-        specials = sorted((t for t, ty in zip(self.tokens, self.types)
-                           if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED) and t), key=len, reverse=True)
-        self.special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
-        self.cache: dict[str, list[int]] = {}
-
-        if self.model == "gpt2":
-            pre = get("pre", "default", str)
-            if pre not in PRE_TOKENIZERS:
-                raise GGUFError(f"{path}: tokenizer.ggml.pre = {pre!r} is not supported "
-                                f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
-            self.splits = _split_patterns(pre)
-            merges = get("merges")
-            if not merges or not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
-                raise GGUFError(f"{path}: tokenizer.ggml.merges is missing or not a list of strings "
-                                f"(required for a gpt2 tokenizer)")
-            self.merge_rank = {}
-            for rank, m in enumerate(merges):
-                left, _, right = m.partition(" ")
-                self.merge_rank.setdefault((left, right), rank)
-            self.byte_char = _byte_to_unicode()
-            self.char_byte = {c: b for b, c in self.byte_char.items()}
-        else:
-            self.scores = array("scores", (int, float), [0.0] * n, "numbers")
-            self.add_space_prefix = get("add_space_prefix", True, bool)
-            self.byte_ids = {}
-            for i, t in enumerate(self.tokens):
-                if self.types[i] == TOKEN_BYTE and len(t) == 6 and t.startswith("<0x"):
-                    self.byte_ids[int(t[3:5], 16)] = i
-            self.unk_id = special("unknown")
-
-    # -- encoding -----------------------------------------------------------
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = []
-        if self.add_bos if add_bos is None else add_bos:
-            ids.append(self.bos_id)
-        prev_special = True  # SentencePiece adds its space prefix after a special token
-        for n, (chunk, is_special) in enumerate(self._split_specials(text)):
-            if is_special:
-                if not (n == 0 and ids and chunk == ids[0]):  # a BOS written in the text: never doubled
-                    ids.append(chunk)
-            elif self.model == "gpt2":
-                for regex_piece in self._pre_split(chunk):
-                    ids.extend(self._bpe_piece(regex_piece))
-            else:
-                ids.extend(self._spm_fragment((" " if self.add_space_prefix and prev_special else "") + chunk))
-            prev_special = is_special
-        return ids
-
-    def _split_specials(self, text):
-        """Yield (text, False) for plain text and (id, True) for special tokens written in it."""
-        pos = 0
-        if self.special_re is not None:
-            for m in self.special_re.finditer(text):
-                if m.start() > pos:
-                    yield text[pos:m.start()], False
-                yield self.token_to_id[m.group()], True
-                pos = m.end()
-        if pos < len(text):
-            yield text[pos:], False
-
-    def _pre_split(self, text):
-        pieces = [text]
-        for regex in self.splits:
-            out = []
-            for piece in pieces:  # text between matches is kept as a piece of its own
-                pos = 0
-                for m in regex.finditer(piece):
-                    if m.start() > pos:
-                        out.append(piece[pos:m.start()])
-                    if m.end() > m.start():
-                        out.append(m.group())
-                    pos = m.end()
-                if pos < len(piece):
-                    out.append(piece[pos:])
-            pieces = out
-        return pieces
-
-    def _bpe_piece(self, piece: str) -> list[int]:
-        cached = self.cache.get(piece)
-        if cached is not None:
-            return cached
-        word = [self.byte_char[b] for b in piece.encode("utf-8")]
-        rank = self.merge_rank
-        while len(word) > 1:
-            best, best_rank = None, None
-            for i in range(len(word) - 1):
-                r = rank.get((word[i], word[i + 1]))
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = i, r
-            if best is None:
-                break
-            pair, merged, i = (word[best], word[best + 1]), word[best] + word[best + 1], 0
-            out = []
-            while i < len(word):  # merge every occurrence of the best pair, left to right
-                if i < len(word) - 1 and (word[i], word[i + 1]) == pair:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            word = out
-        ids = []
-        for w in word:
-            if w in self.token_to_id:
-                ids.append(self.token_to_id[w])
-            else:  # a vocabulary without some byte: emit the bytes it does have
-                ids.extend(self.token_to_id[c] for c in w if c in self.token_to_id)
-        if len(self.cache) < 100_000:
-            self.cache[piece] = ids
-        return ids
-
-    def _spm_fragment(self, text: str) -> list[int]:
-        """SentencePiece BPE: repeatedly merge the adjacent pair whose merged token scores
-        highest (leftmost on ties), then fall back to <0xNN> byte tokens for unknown pieces."""
-        text = text.replace(" ", "\u2581")
-        if not text:
-            return []
-        syms = list(text)
-        prev, nxt = list(range(-1, len(syms) - 1)), list(range(1, len(syms) + 1))
-        heap = []
-
-        def push(left):
-            right = nxt[left]
-            if right < len(syms):
-                merged = syms[left] + syms[right]
-                i = self.token_to_id.get(merged)
-                if i is not None:
-                    heapq.heappush(heap, (-self.scores[i], left, merged))
-
-        for i in range(len(syms) - 1):
-            push(i)
-        while heap:
-            _, left, merged = heapq.heappop(heap)
-            right = nxt[left]
-            if right >= len(syms) or not syms[left] or syms[left] + syms[right] != merged:
-                continue  # stale: one side has merged since this pair was pushed
-            syms[left], syms[right] = merged, ""
-            nxt[left] = nxt[right]
-            if nxt[left] < len(syms):
-                prev[nxt[left]] = left
-            if prev[left] >= 0:
-                push(prev[left])
-            push(left)
-        ids = []
-        for s in syms:
-            if not s:
-                continue
-            i = self.token_to_id.get(s)
-            if i is not None and self.types[i] != TOKEN_BYTE:
-                ids.append(i)
-            else:
-                for b in s.encode("utf-8"):
-                    ids.append(self.byte_ids.get(b, self.unk_id if self.unk_id is not None else 0))
-        return ids
-
-    # -- decoding -----------------------------------------------------------
-    def token_bytes(self, i: int) -> bytes:
-        """The bytes one token stands for (control tokens give their written form)."""
-        t = self.tokens[i]
-        if self.types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN):
-            return t.encode("utf-8")
-        if self.model == "gpt2":
-            return bytes(self.char_byte.get(c, 0x3F) for c in t)
-        if self.types[i] == TOKEN_BYTE:
-            return bytes([int(t[3:5], 16)])
-        return t.replace("\u2581", " ").encode("utf-8")
-
-    def decode(self, ids: Sequence[int]) -> str:
-        text = b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
-        if self.model == "llama" and self.add_space_prefix and text.startswith(" ") \
-                and ids and self.types[ids[0]] == TOKEN_NORMAL:
-            text = text[1:]  # the space prefix added when encoding
-        return text
-
-
-class StreamDecoder:
-    """Turns token ids into text as they arrive, holding back an incomplete UTF-8
-    sequence until the token that completes it (a character can span tokens)."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def __call__(self, token: int) -> str:
-        return self.utf8.decode(self.tokenizer.token_bytes(token))
-
-    def flush(self) -> str:
-        return self.utf8.decode(b"", final=True)
-
-
-# ---------------------------------------------------------------------------
-# Model: Llama forward pass with a KV cache
-# ---------------------------------------------------------------------------
-
-@dataclass
-class Config:
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_ctx: int            # the context length the model was trained for
-    rope_theta: float
-    rope_dims: int        # RoPE rotates the first rope_dims dimensions of each head
-    rope_scale: float     # linear RoPE scaling: positions are divided by this
-    norm_eps: float
-
-
-def _config(gguf: GGUFFile) -> Config:
-    meta, path = gguf.metadata, gguf.path
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"{path}: architecture {arch!r} is not supported (run.py runs 'llama')")
-    if meta.get("llama.expert_count", 0):
-        raise GGUFError(f"{path}: llama.expert_count = {meta['llama.expert_count']}: "
-                        f"mixture-of-experts models are not supported")
-
-    def get(key, kind=int, default=None):
-        value = meta.get("llama." + key, default)
-        if value is None:
-            raise GGUFError(f"{path}: metadata llama.{key} is missing")
-        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 31):
-            raise GGUFError(f"{path}: metadata llama.{key} = {value!r} is not a positive integer")
-        if kind is float and (not isinstance(value, (int, float)) or not 0 < value < 1e30):
-            raise GGUFError(f"{path}: metadata llama.{key} = {value!r} is not a positive number")
-        return kind(value)
-
-    n_embd, n_head = get("embedding_length"), get("attention.head_count")
-    n_head_kv = get("attention.head_count_kv", default=n_head)
-    head_dim = get("attention.key_length", default=n_embd // n_head if n_embd % n_head == 0 else None)
-    if get("attention.value_length", default=head_dim) != head_dim:
-        raise GGUFError(f"{path}: llama.attention.value_length differs from key_length (not supported)")
-    if n_head % n_head_kv:
-        raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
-    rope_dims = get("rope.dimension_count", default=head_dim)
-    if rope_dims > head_dim or rope_dims % 2:
-        raise GGUFError(f"{path}: llama.rope.dimension_count = {rope_dims} does not fit head size {head_dim}")
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", "linear"):
-        raise GGUFError(f"{path}: llama.rope.scaling.type = {scaling!r} is not supported (none, linear)")
-    rope_scale = get("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0
-    tokens = meta.get("tokenizer.ggml.tokens")
-    tokens = tokens if isinstance(tokens, list) else []
-    return Config(
-        n_vocab=get("vocab_size", default=len(tokens) or None), n_embd=n_embd,
-        n_layer=get("block_count"), n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-        n_ff=get("feed_forward_length"), n_ctx=get("context_length"),
-        rope_theta=get("rope.freq_base", float, 10000.0), rope_dims=rope_dims,
-        rope_scale=rope_scale or 1.0, norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-5))
-
-
-def rms_norm(x, weight, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
-
-
-def silu(x):
-    with np.errstate(over="ignore"):  # exp overflow for very negative x gives the right limit, 0
-        return x / (1.0 + np.exp(-x))
-
-
-def softmax(x, axis=-1):
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
-
-
-@dataclass
-class Layer:
-    attn_norm: np.ndarray
-    wq: TensorInfo
-    wk: TensorInfo
-    wv: TensorInfo
-    wo: TensorInfo
-    ffn_norm: np.ndarray
-    w_gate: TensorInfo
-    w_up: TensorInfo
-    w_down: TensorInfo
-
-
-PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
-SHORT_PROMPT = 32   # with numba, prompts shorter than this run token by token (measured crossover)
-
-
-class Model:
-    """A loaded GGUF Llama model with its tokenizer and one KV cache (one conversation)."""
-
-    def __init__(self, gguf: GGUFFile, n_ctx: int | None = None, threads: int | None = None):
-        self.gguf, self.metadata, self.path = gguf, gguf.metadata, gguf.path
-        self.config = c = _config(gguf)
-        self.tokenizer = Tokenizer(gguf.metadata, gguf.path)
-        self.n_ctx = min(n_ctx or c.n_ctx, c.n_ctx)
-        if len(self.tokenizer.tokens) > c.n_vocab:
-            raise GGUFError(f"{self.path}: {len(self.tokenizer.tokens)} tokens but llama.vocab_size is {c.n_vocab}")
-        q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
-
-        def tensor(name, shape, matrix=True):
-            t = gguf.tensors.get(name)
-            if t is None:
-                raise GGUFError(f"{self.path}: tensor {name!r} is missing")
-            if t.shape != shape:
-                raise GGUFError(f"{self.path}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
-            if t.type not in DEQUANTIZE:
-                raise GGUFError(f"{self.path}: tensor {name!r} has type {t.type_name}, which run.py does not "
-                                f"decode (supported: {SUPPORTED_TYPES})")
-            if matrix:
-                return t
-            return dequantize(t.data.reshape(1, -1), t.type).reshape(shape)  # small vectors as float32
-
-        self.token_embd = tensor("token_embd.weight", (c.n_vocab, c.n_embd))
-        # tied embeddings: no output.weight, the output projection reuses the embedding
-        self.output = (tensor("output.weight", (c.n_vocab, c.n_embd))
-                       if "output.weight" in gguf.tensors else self.token_embd)
-        self.output_norm = tensor("output_norm.weight", (c.n_embd,), matrix=False)
-        self.layers = []
-        for i in range(c.n_layer):
-            p = f"blk.{i}."
-            self.layers.append(Layer(
-                attn_norm=tensor(p + "attn_norm.weight", (c.n_embd,), False),
-                wq=tensor(p + "attn_q.weight", (q_dim, c.n_embd)),
-                wk=tensor(p + "attn_k.weight", (kv_dim, c.n_embd)),
-                wv=tensor(p + "attn_v.weight", (kv_dim, c.n_embd)),
-                wo=tensor(p + "attn_output.weight", (c.n_embd, q_dim)),
-                ffn_norm=tensor(p + "ffn_norm.weight", (c.n_embd,), False),
-                w_gate=tensor(p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
-                w_up=tensor(p + "ffn_up.weight", (c.n_ff, c.n_embd)),
-                w_down=tensor(p + "ffn_down.weight", (c.n_embd, c.n_ff))))
-        inv_freq = c.rope_theta ** (-np.arange(0, c.rope_dims, 2, dtype=np.float64) / c.rope_dims)
-        if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+ long-context frequency factors
-            inv_freq = inv_freq / tensor("rope_freqs.weight", (c.rope_dims // 2,), False)
-        self.inv_freq = inv_freq / c.rope_scale
-        self.cache_ids: list[int] = []  # the tokens whose keys and values are in the cache
-        self.k_cache = self.v_cache = None
-        self.finish_reason = None
-        self.threads = default_threads() if threads is None else threads
-        if self.threads < 1:
-            raise ValueError(f"threads must be at least 1, not {self.threads}")
-        # generation runs on the compiled kernels when numba is there (set False to use numpy)
-        self.use_numba = numba is not None and _compile_kernels()
-        if self.use_numba:
-            matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
-            self._table = np.array([(t.offset, t.nbytes, t.shape[0], t.type) for t in matrices + [self.output]])
-            self._norms = np.stack([np.stack([L.attn_norm, L.ffn_norm]) for L in self.layers]
-                                   + [np.stack([self.output_norm, self.output_norm])]).astype(np.float32)
-
-    # -- the Python interface -------------------------------------------------
-    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Text -> token ids; add_bos None follows the file's add_bos_token rule."""
-        return self.tokenizer.encode(text, add_bos)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """The next-token logits at every position: float32 (len(ids), n_vocab)."""
-        ids = self._check_ids(ids)
-        self.cache_ids = []
-        out = [self._forward(ids[i:i + PROMPT_BATCH], i, all_logits=True)
-               for i in range(0, len(ids), PROMPT_BATCH)]
-        self.cache_ids = list(ids)
-        return np.concatenate(out)
-
-    def generate(self, ids: Sequence[int], max_tokens: int = 256, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                 repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] = ()) -> Iterator[int]:
-        """Yield generated token ids. It ends at an end-of-generation token (not yielded),
-        after max_tokens, when the context is full, or when the text contains a stop string
-        (the tokens that make it up are held back and not yielded). self.finish_reason then
-        says which: 'eos', 'length', 'context' or 'stop'."""
-        ids = self._check_ids(ids)
-        rng = np.random.default_rng(seed)
-        history = list(ids)
-        self.finish_reason = "length"
-        logits = self._prefill(ids)
-        held: list[int] = []  # tokens that may be the start of a stop string
-        for _ in range(max_tokens):
-            token = sample(logits, rng, temperature, top_k, top_p, min_p, repeat_penalty, history[-64:])
-            if token in self.tokenizer.eog_ids:
-                self.finish_reason = "eos"
-                break
-            history.append(token)
-            if stop:
-                held.append(token)
-                text = self.detokenize(held)
-                if any(s in text for s in stop):
-                    self.finish_reason, held = "stop", []
-                    break
-                if not any(text.endswith(s[:k]) for s in stop for k in range(1, len(s))):
-                    yield from held
-                    held = []
-            else:
-                yield token
-            if len(self.cache_ids) >= self.n_ctx:
-                self.finish_reason = "context"
-                break
-            logits = self._next_logits(token, len(self.cache_ids))
-            self.cache_ids.append(token)
-        yield from held
-
-    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages ([{'role': ..., 'content': ...}]) with the model's chat template."""
-        return render_chat(self.metadata, messages, add_generation_prompt)
-
-    # -- internals ---------------------------------------------------------------
-    def _check_ids(self, ids):
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise ValueError("no tokens to run: the prompt is empty")
-        bad = [i for i in ids if not 0 <= i < self.config.n_vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is out of range (vocabulary has {self.config.n_vocab})")
-        if len(ids) > self.n_ctx:
-            raise ContextFull(f"{len(ids)} tokens do not fit in the context of {self.n_ctx} tokens")
-        return ids
-
-    def _prefill(self, ids):
-        """Run the prompt, reusing the cached keys and values of a shared prefix (a chat's
-        earlier turns), and return the logits after its last token."""
-        common = 0
-        for a, b in zip(self.cache_ids, ids[:-1]):  # the last token always runs: its logits are needed
-            if a != b:
-                break
-            common += 1
-        self.cache_ids = self.cache_ids[:common]
-        if len(ids) - common < (SHORT_PROMPT if self.use_numba else 2):
-            # a few tokens: one at a time through the kernels, cheaper than decoding every
-            # matrix to float32 for the matrix-matrix products below
-            for i in range(common, len(ids)):
-                logits = self._next_logits(ids[i], i)
-                self.cache_ids.append(ids[i])
-            return logits
-        for i in range(common, len(ids), PROMPT_BATCH):
-            logits = self._forward(ids[i:i + PROMPT_BATCH], i, all_logits=False)
-            self.cache_ids.extend(ids[i:i + PROMPT_BATCH])
-        return logits[-1]
-
-    def _next_logits(self, token, pos):
-        """The logits after one more token at position pos (its keys and values are cached)."""
-        if pos >= self.n_ctx:  # the kernels do not check bounds: never write past the cache
-            raise ContextFull(f"position {pos} is past the context of {self.n_ctx} tokens")
-        if not self.use_numba:
-            return self._forward([token], pos, all_logits=False)[-1]
-        self._reserve(pos + 1)
-        angles = pos * self.inv_freq
-        logits = np.empty(self.config.n_vocab, np.float32)
-        threads = min(self.threads, numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(threads)
-        _decode_token(get_rows(self.token_embd, [token])[0], pos, self.gguf.data, self._table, self._norms,
-                      self.k_cache, self.v_cache, np.cos(angles).astype(np.float32),
-                      np.sin(angles).astype(np.float32), self.config.n_head, self.config.norm_eps, logits, threads)
-        return logits
-
-    def _reserve(self, n):
-        c = self.config
-        have = 0 if self.k_cache is None else self.k_cache.shape[-1]
-        if n <= have:
-            return
-        size = min(self.n_ctx, max(n, 2 * have, 256))  # grow by doubling up to the context
-        # positions last: attention's inner loops (and matrix products) run along positions
-        shape = (c.n_layer, c.n_head_kv, c.head_dim, size)
-        k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        if have:
-            k[..., :have], v[..., :have] = self.k_cache, self.v_cache
-        self.k_cache, self.v_cache = k, v
-
-    def _rope(self, x, cos, sin):
-        """Rotate adjacent pairs (2i, 2i+1) of the first rope_dims of each head: GGUF's
-        llama layout (its converters permute Wq and Wk rows to match)."""
-        d = self.config.rope_dims
-        pairs = x[..., :d].reshape(*x.shape[:-1], d // 2, 2)
-        x0, x1 = pairs[..., 0], pairs[..., 1]
-        rotated = np.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(*x.shape[:-1], d)
-        return np.concatenate([rotated, x[..., d:]], axis=-1) if d < x.shape[-1] else rotated
-
-    def _forward(self, tokens, start, all_logits):
-        c = self.config
-        T, S = len(tokens), start + len(tokens)
-        self._reserve(S)
-        angles = np.arange(start, S, dtype=np.float64)[:, None] * self.inv_freq[None, :]
-        cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, rope_dims/2)
-        sin = np.sin(angles).astype(np.float32)[:, None, :]
-        # query t (at position start+t) sees keys 0..start+t
-        mask = np.arange(S)[None, :] <= np.arange(start, S)[:, None]  # (T, S)
-        group, scale = c.n_head // c.n_head_kv, 1.0 / c.head_dim ** 0.5
-        x = get_rows(self.token_embd, tokens)  # (T, n_embd)
-        for i, L in enumerate(self.layers):
-            h = rms_norm(x, L.attn_norm, c.norm_eps)
-            q = self._rope(matmul(h, L.wq).reshape(T, c.n_head, c.head_dim), cos, sin)
-            k = self._rope(matmul(h, L.wk).reshape(T, c.n_head_kv, c.head_dim), cos, sin)
-            self.k_cache[i, :, :, start:S] = k.transpose(1, 2, 0)
-            self.v_cache[i, :, :, start:S] = matmul(h, L.wv).reshape(T, c.n_head_kv, c.head_dim).transpose(1, 2, 0)
-            keys, values = self.k_cache[i, :, :, :S], self.v_cache[i, :, :, :S]  # (n_head_kv, head_dim, S)
-            # grouped-query attention: query head j uses key/value head j // group
-            q = q.reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
-            scores = (q.reshape(c.n_head_kv, group * T, c.head_dim) @ keys) * scale
-            scores = np.where(mask, scores.reshape(c.n_head_kv, group, T, S), -np.inf)
-            probs = softmax(scores).reshape(c.n_head_kv, group * T, S)
-            att = (probs @ values.transpose(0, 2, 1)).reshape(c.n_head_kv, group, T, c.head_dim)
-            x = x + matmul(att.transpose(2, 0, 1, 3).reshape(T, -1), L.wo)
-            h = rms_norm(x, L.ffn_norm, c.norm_eps)
-            x = x + matmul(silu(matmul(h, L.w_gate)) * matmul(h, L.w_up), L.w_down)
-        if not all_logits:
-            x = x[-1:]
-        return matmul(rms_norm(x, self.output_norm, c.norm_eps), self.output)
-
-
-def load(path: str, n_ctx: int | None = None, threads: int | None = None) -> Model:
-    """Load a GGUF model: the tensors stay memory-mapped in their file types."""
-    return Model(read_gguf(path), n_ctx, threads)
-
-
-def default_threads() -> int:
-    """The cores this process may run on (a container's or taskset's limit, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-# ---------------------------------------------------------------------------
-# Sampler
-# ---------------------------------------------------------------------------
-
-def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.8, top_k: int = 40,
-           top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-           recent: Sequence[int] = ()) -> int:
-    """Pick the next token. Order as in Hugging Face's generate: repetition penalty, then
-    temperature, then top-k, top-p and min-p filters on the resulting distribution.
-    temperature <= 0 is greedy (argmax); top_k 0, top_p 1 and min_p 0 disable their filters."""
-    logits = logits.astype(np.float64)
-    if repeat_penalty != 1.0 and len(recent):
-        seen = np.unique(np.asarray(recent))
-        # as in CTRL and llama.cpp: divide positive logits, multiply negative ones
-        logits[seen] = np.where(logits[seen] > 0, logits[seen] / repeat_penalty, logits[seen] * repeat_penalty)
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    logits = logits / temperature
-    order = np.argsort(-logits, kind="stable")
-    if 0 < top_k < len(order):
-        order = order[:top_k]
-    probs = softmax(logits[order])
-    if top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p
-        keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
-        order, probs = order[:keep], probs[:keep]
-    if min_p > 0.0:  # drop tokens less likely than min_p times the most likely one
-        keep = probs >= min_p * probs[0]
-        order, probs = order[keep], probs[keep]
-    probs = probs / probs.sum()
-    return int(order[rng.choice(len(order), p=probs)])
-
-
-# ---------------------------------------------------------------------------
-# Chat templates
-# ---------------------------------------------------------------------------
-
-def render_chat(metadata: dict, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render the file's tokenizer.chat_template with jinja2 as Hugging Face transformers
-    does; without jinja2, a ChatML-shaped template is rendered as plain ChatML."""
-    template = metadata.get("tokenizer.chat_template")
-    tokens = metadata.get("tokenizer.ggml.tokens") or []
-
-    def token_text(key):
-        i = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
-
-    if not template or not isinstance(template, str):
-        raise ValueError("this model file has no tokenizer.chat_template: use a plain prompt instead of chat")
-    try:
-        import jinja2
-        import jinja2.sandbox
-    except ImportError:
-        if "<|im_start|>" in template and "<|im_end|>" in template:
-            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-        raise ValueError("this model's chat template needs jinja2 (pip install jinja2); "
-                         "only ChatML templates are rendered without it") from None
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
-    try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=token_text("bos"), eos_token=token_text("eos"))
-    except jinja2.exceptions.TemplateError as e:
-        raise ValueError(f"chat template error: {e}") from None
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-def add_generation_args(p: argparse.ArgumentParser):
-    p.add_argument("-p", "--prompt", default="Once upon a time", help="text to continue")
-    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-    p.add_argument("--min-p", type=float, default=0.05, help="0 = off")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
-    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
-    p.add_argument("--ctx-size", type=int, default=None, help="context window (default: the model's)")
-    p.add_argument("--threads", type=int, default=None, help="threads for generation (default: the cores available)")
-    p.add_argument("--system", default=None, help="chat: a system message")
-
-
-def _check_args(args):
-    for name, ok in (("max_tokens", args.max_tokens >= 0), ("temperature", args.temperature >= 0),
-                     ("top_k", args.top_k >= 0), ("top_p", 0 < args.top_p <= 1),
-                     ("min_p", 0 <= args.min_p < 1), ("repeat_penalty", args.repeat_penalty > 0),
-                     ("ctx_size", args.ctx_size is None or args.ctx_size > 0),
-                     ("threads", args.threads is None or args.threads > 0)):
-        if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
-
-
-def _sampling(args) -> dict:
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
-
-
-def _stream(model: Model, ids: list[int], args, out=sys.stdout) -> tuple[str, int, float]:
-    """Generate, printing text as it comes; return (text, tokens, seconds after the first token)."""
-    decode, pieces, n, t_first = StreamDecoder(model.tokenizer), [], 0, None
-    for token in model.generate(ids, args.max_tokens, **_sampling(args)):
-        if t_first is None:
-            t_first = time.perf_counter()
-        n += 1
-        piece = decode(token)
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
-    pieces.append(decode.flush())
-    out.write(pieces[-1])
-    out.flush()
-    return "".join(pieces), n, (time.perf_counter() - t_first) if t_first else 0.0
-
-
-def run_prompt(path: str, args) -> None:
-    """`run`: continue a prompt, streaming the text to stdout and timings to stderr."""
-    _check_args(args)
-    t0 = time.perf_counter()
-    model = load(path, args.ctx_size, args.threads)
-    t_load = time.perf_counter() - t0
-    ids = model.tokenize(args.prompt)
-    t0 = time.perf_counter()
-    _, n, t_gen = _stream(model, ids, args)
-    t_total = time.perf_counter() - t0
-    t_prompt = t_total - t_gen
-    print(file=sys.stderr)
-    kernels = f"numba, {model.threads} threads" if model.use_numba else "numpy"
-    print(f"load {t_load:.2f} s ({kernels}) | prompt {len(ids)} tokens, {len(ids) / max(t_prompt, 1e-9):.1f} tok/s | "
-          f"generation {n} tokens, {max(n - 1, 0) / max(t_gen, 1e-9):.1f} tok/s | "
-          f"stop: {model.finish_reason}", file=sys.stderr)
-
-
-def run_chat(path: str, args) -> None:
-    """`chat`: an interactive conversation with the model's chat template."""
-    _check_args(args)
-    model = load(path, args.ctx_size, args.threads)
-    render_chat(model.metadata, [{"role": "user", "content": "hi"}])  # fail early on a bad template
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"chatting with {model.metadata.get('general.name', path)} "
-              f"(/reset to start over, Ctrl-D to quit)", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            break
-        if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        ids = model.tokenize(model.chat_prompt(messages))
-        try:
-            reply, _, _ = _stream(model, ids, args)
-        except ContextFull as e:
-            messages.pop()
-            print(f"[{e}: /reset to start a new conversation]", file=sys.stderr)
-            continue
-        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the conversation
-            reply = model.detokenize(model.cache_ids[len(ids):])
-        print()
-        if model.finish_reason == "context":
-            print("[the context is full: /reset to start a new conversation]", file=sys.stderr)
-        messages.append({"role": "assistant", "content": reply.strip()})
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="run.py", description="Run a GGUF Llama model with numpy.")
-    p.add_argument("model", help="path to a .gguf file")
-    p.add_argument("--chat", action="store_true", help="interactive chat with the model's template")
-    add_generation_args(p)
-    args = p.parse_args(argv)
-    return guarded(run_chat if args.chat else run_prompt, args.model, args)
-
-
-def guarded(fn, *args) -> int:
-    """Run a command; bad input ends in one clear line on stderr and a non-zero exit."""
-    try:
-        fn(*args)
-        return 0
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 1
-    except (OSError, ValueError, MemoryError) as e:
-        message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
-        print(f"error: {message}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

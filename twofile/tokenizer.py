@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizers: trained by Hugging Face `tokenizers`, written into GGUF.
 
-    twofile tokenizer train                              # the default corpus, 8192 tokens
+    twofile tokenizer train                              # the default corpus, 4096 tokens
     twofile tokenizer train CORPUS... --vocab-size 8192 -o tok.json
 
 The split regex is Llama 3's, which llama.cpp knows by the name `llama-bpe`, so a GGUF
@@ -30,7 +30,9 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 
 def new_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
+    # llama.cpp (and run.py) encode a `llama-bpe` file with ignore_merges: a pre-tokenized
+    # word that is itself a token is taken whole, without merges; so must `tokenizers`
+    tok = Tokenizer(models.BPE(ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

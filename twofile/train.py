@@ -9,7 +9,9 @@ One process or many (torchrun: DDP, gloo on CPU and NCCL on GPU, or FSDP2 with -
 Each optimizer step sees `batch_tokens` tokens, split into micro-batches across ranks and
 accumulation steps; the data of micro-batch i of step s is a pure function of (seed, s, i),
 so any number of ranks sees the same global batch, and a resumed run the same data.
-Checkpoints (safetensors + JSON) are written to a temporary folder and renamed.
+Checkpoints (safetensors + JSON) are written to a temporary folder and renamed. Ctrl-C (or
+the SIGTERM torchrun sends its workers) stops at the next step boundary with a checkpoint;
+a step whose loss or gradient norm is not finite is not applied.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,8 +126,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim
         return [torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)]
     if cfg.optimizer == "muon":
-        if not hasattr(torch.optim, "Muon"):
-            raise ValueError(f"--optimizer muon needs torch.optim.Muon (PyTorch 2.9 or newer; this is {torch.__version__})")
         # Muon orthogonalizes the updates of hidden matrices; embeddings and norms keep AdamW
         # (as modded-nanogpt and nanochat do). "match_rms_adamw" lets both share one lr.
         return [torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
@@ -228,25 +230,29 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
 # ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, shards, context: int, val_bytes: int, rt: Runtime, batch: int = 16, split: bool = True) -> dict:
-    """Loss per token and bits per byte (total nats / total UTF-8 bytes / ln 2, comparable
-    across tokenizers) over the whole validation split, in windows of the context."""
+def evaluate(model, shards, context: int, val_bytes: int, bos_id: int, rt: Runtime, batch: int = 16,
+             split: bool = True) -> dict:
+    """Over the whole validation split, in windows of the context: the loss per token (every
+    target, BOS included) and bits per byte (nats / UTF-8 bytes / ln 2, comparable across
+    tokenizers). The bytes are the text's, so the nats leave out BOS targets: prepare puts a
+    BOS before each document, and it has no bytes in the text (as nanochat leaves out its
+    special tokens)."""
     model.eval()
-    nats, count = 0.0, 0
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nats, nats of text targets, targets
     for i, (x, y) in enumerate(data.val_batches(shards, batch, context)):
         if split and i % rt.world != rt.rank:  # ranks share the batches (FSDP2: all run all)
             continue
         x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
         with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-            _, loss = model(x, y, reduction="sum")
-        nats += loss.item()
-        count += y.numel()
+            _, losses = model(x, y, reduction="none")  # (B * T,)
+        totals[0] += losses.sum()
+        totals[1] += torch.where(y.reshape(-1) != bos_id, losses, 0).sum()
+        totals[2] += y.numel()
     if rt.world > 1 and split:
-        totals = torch.tensor([nats, count], dtype=torch.float64, device=rt.device)
         dist.all_reduce(totals)
-        nats, count = totals.tolist()
+    nats, text_nats, count = totals.tolist()
     model.train()
-    return {"val_loss": nats / max(count, 1), "val_bpb": nats / max(val_bytes, 1) / math.log(2)}
+    return {"val_loss": nats / max(count, 1), "val_bpb": text_nats / max(val_bytes, 1) / math.log(2)}
 
 
 # ---------------------------------------------------------------------------
@@ -273,6 +279,9 @@ def _resume_from(cfg: TrainConfig, resume: bool) -> Path | None:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a model; return the final metrics. Rank 0 alone writes files."""
+    if not hasattr(torch.optim, "Muon"):  # the default optimizer; pip may have kept an older torch
+        raise ValueError(f"twofile needs torch>=2.9 (torch.optim.Muon), not {torch.__version__}: "
+                         f"pip install 'torch>=2.9'")
     rt = setup_runtime()
     out = Path(cfg.out)
     manifest = data.load_manifest(cfg.data)
@@ -327,7 +336,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
               f"parameters; {rt.world} process(es), {accum} micro-batch(es) of {cfg.micro_batch} per step, "
               f"{cfg.optimizer}, {rt.device.type}", file=sys.stderr)
 
-    def train_step(s: int) -> float:
+    def train_step(s: int) -> tuple[float, float]:
         lr = lr_at(s, cfg, total)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -343,69 +352,95 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 _, loss = train_model(x, y)
                 (loss / accum).backward()
             loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
         loss_mean = loss_sum / accum
         if rt.world > 1:
             dist.all_reduce(loss_mean)
             loss_mean /= rt.world
-        return loss_mean.item()
+        # the norm of the gradients every rank holds after DDP's all-reduce (FSDP2: a DTensor,
+        # gathered), so all ranks agree on skipping a step
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        loss_value, norm_value = torch.stack([loss_mean, _full(norm).to(loss_mean)]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            last = checkpoints(out)
+            what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {norm_value}"
+            raise ValueError(f"{what} at step {s + 1}: training diverged (lower --lr?); the step was not applied, "
+                             f"the last good checkpoint is {last[-1] if last else 'none'}")
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss_value, norm_value
 
     def state_dict(s: int) -> dict:
         return {"step": s, "total_steps": total, "tokens": s * cfg.batch_tokens, "tokenizer": manifest["tokenizer"],
                 "train_config": asdict(cfg), "model_config": mcfg.to_dict()}
 
+    saved_step = step  # the step of the newest checkpoint (0: none needed yet)
+
     def checkpoint(s: int):
+        nonlocal saved_step
         gathered = gather_state(model, optimizers)
         if rt.main:
             save_checkpoint(out, *gathered, state_dict(s), cfg.keep_checkpoints)
         if rt.world > 1:
             dist.barrier()
+        saved_step = s
 
     def validate() -> dict:
-        return evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], rt, split=not cfg.fsdp)
+        return evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], manifest["bos_id"], rt,
+                        split=not cfg.fsdp)
 
-    t_start = time.perf_counter()
-    metrics: dict = {}
-    last_eval = None
-    if total == 0:  # a time budget: measure an eval and a few steps, then fix the step count
-        last_eval = validate()
-        eval_time = time.perf_counter() - t_start
-        total = 10**9
-        for probe in range(7):  # 2 untimed steps (compilation, allocation), then 5 timed ones
-            if probe == 2:
-                t0 = time.perf_counter()
-            _check_finite(train_step(step), step, out)
-            step += 1
-        step_time = (time.perf_counter() - t0) / 5
-        if rt.world > 1:
-            t = torch.tensor([step_time], device=rt.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            step_time = t.item()
-        remaining = cfg.time_budget - (time.perf_counter() - t_start) - eval_time  # the final eval too
-        total = step + max(1, int(remaining / (step_time + eval_time / cfg.eval_every)))
-        # the probe steps ran inside the warmup (20 steps by default), where the schedule
-        # does not depend on the total, so fixing the total now changes nothing before
-        if rt.main:
-            _log(out, {"step": 0, "tokens": 0, **last_eval})
-    from tqdm import tqdm
+    def stop_requested(signals: list) -> bool:
+        """Whether any rank got a signal: all ranks stop together, or one would wait forever
+        in the next collective."""
+        if rt.world == 1:
+            return bool(signals)
+        flag = torch.tensor([float(bool(signals))], device=rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
-    bar = tqdm(total=total, initial=step, disable=not (progress and rt.main), unit="step", file=sys.stderr,
-               dynamic_ncols=True)
-    t_last, tokens_last = time.perf_counter(), step * cfg.batch_tokens
-    try:
-        while step < total:
-            loss = train_step(step)
-            _check_finite(loss, step, out)
+    with _deferred_signals(announce=rt.main) as signals:
+        t_start = time.perf_counter()
+        metrics: dict = {}
+        last_eval = None
+        if total == 0:  # a time budget: measure an eval and a few steps, then fix the step count
+            last_eval = validate()
+            eval_time = time.perf_counter() - t_start
+            total = 10**9
+            for probe in range(7):  # 2 untimed steps (compilation, allocation), then 5 timed ones
+                if probe == 2:
+                    t0 = time.perf_counter()
+                train_step(step)
+                step += 1
+            step_time = (time.perf_counter() - t0) / 5
+            if rt.world > 1:
+                t = torch.tensor([step_time], device=rt.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                step_time = t.item()
+            remaining = cfg.time_budget - (time.perf_counter() - t_start) - eval_time  # the final eval too
+            total = step + max(1, int(remaining / (step_time + eval_time / cfg.eval_every)))
+            # the probe steps ran inside the warmup (20 steps by default), where the schedule
+            # does not depend on the total, so fixing the total now changes nothing before
+            if rt.main:
+                _log(out, {"step": 0, "tokens": 0, **last_eval})
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, disable=not (progress and rt.main), unit="step", file=sys.stderr,
+                   dynamic_ncols=True)
+        t_last, tokens_last = time.perf_counter(), step * cfg.batch_tokens
+        # a signal is acted on here only: after a whole step, its evaluation and its checkpoint
+        while not (interrupted := stop_requested(signals)) and step < total:
+            loss, grad_norm = train_step(step)
             step += 1
             now = time.perf_counter()
             tok_s = (step * cfg.batch_tokens - tokens_last) / max(now - t_last, 1e-9)
             mfu = flops_per_step / cfg.batch_tokens * tok_s / (peak * rt.world)
-            metrics = {"step": step, "tokens": step * cfg.batch_tokens, "loss": loss, "lr": lr_at(step - 1, cfg, total),
-                       "tok_s": tok_s, "mfu": mfu, "time": now - t_start}
+            metrics = {"step": step, "tokens": step * cfg.batch_tokens, "loss": loss, "grad_norm": grad_norm,
+                       "lr": lr_at(step - 1, cfg, total), "tok_s": tok_s, "mfu": mfu, "time": now - t_start}
             if step % cfg.eval_every == 0 or step == total:
                 last_eval = validate()
                 metrics.update(last_eval)
@@ -417,14 +452,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             if step % cfg.checkpoint_every == 0 or step == total:
                 checkpoint(step)
             t_last, tokens_last = time.perf_counter(), step * cfg.batch_tokens  # evals and saves are not training speed
-    except KeyboardInterrupt:  # Ctrl-C: keep what the completed steps learned, then stop
         bar.close()
-        if step > 0 and (not checkpoints(out) or checkpoints(out)[-1].name != f"ckpt_{step:07d}"):
-            checkpoint(step)
-        if rt.main:
-            print(f"\ninterrupted at step {step}: checkpoint saved in {out}; --resume {out} continues", file=sys.stderr)
-        raise
-    bar.close()
+        if interrupted or signals:  # keep what the completed steps learned, then stop
+            if step > saved_step:  # (after the last step, the final checkpoint is saved already)
+                checkpoint(step)
+            if rt.main:
+                print(f"interrupted at step {step}: " + (f"checkpoint saved in {out}; --resume {out} continues"
+                      if step else "nothing to save"), file=sys.stderr)
+            raise KeyboardInterrupt
     if rt.main:
         plot_losses(out)
     if rt.world > 1:
@@ -432,11 +467,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     return {**metrics, **(last_eval or {})}
 
 
-def _check_finite(loss: float, step: int, out: Path):
-    if not math.isfinite(loss):
-        last = checkpoints(out)
-        raise ValueError(f"loss is {loss} at step {step}: training diverged (lower --lr?); "
-                                 f"the last good checkpoint is {last[-1] if last else 'none'}")
+@contextmanager
+def _deferred_signals(announce: bool):
+    """During training, SIGINT (Ctrl-C) and SIGTERM (what torchrun sends its workers) only
+    append to the list this yields; the loop stops at the next step boundary. Stopped
+    anywhere, an optimizer step could be half applied (Muon updates parameters one by one)
+    and checkpointed under the old step number. A second Ctrl-C stops at once: the newest
+    checkpoint on disk is then the last good one."""
+    signals: list[int] = []
+
+    def handler(signum, frame):
+        if signals and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not signals and announce:  # os.write: print() could re-enter tqdm's write to stderr
+            os.write(2, b"\nstopping after this step, with a checkpoint (Ctrl-C again: stop now)\n")
+        signals.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
+        yield signals
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield signals
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _log(out: Path, record: dict):
@@ -487,7 +542,8 @@ def default_data(vocab_size: int) -> str:
 
     corpus = str(assets.fetch(assets.DEFAULT_CORPUS))
     tok_path = assets.cache_dir() / f"tokenizer-shakespeare-{vocab_size}.json"
-    if not tok_path.exists():
+    # one cached before twofile trained with ignore_merges would tokenize unlike run.py: retrain
+    if not tok_path.exists() or not json.loads(tok_path.read_text())["model"].get("ignore_merges"):
         print(f"training a {vocab_size}-token BPE tokenizer on {corpus}", file=sys.stderr)
         tokenizers_.save(tokenizers_.train(data.texts([corpus]), vocab_size, show_progress=False), tok_path)
     folder = assets.cache_dir() / f"data-shakespeare-{tokenizers_.fingerprint(tokenizers_.load(tok_path))}"
@@ -501,8 +557,8 @@ def finish(out: Path, result: dict) -> None:
 
     gguf_path = export.export(out, out / "model.gguf", "f32")
     model = run.load(gguf_path)
-    ids = model.tokenize("ROMEO:\n")
-    sample = model.detokenize(ids[1:] + list(model.generate(ids, 120, temperature=0.8, seed=0)))
+    prompt = "ROMEO:\n"
+    sample = prompt + "".join(model.session().generate(model.tokenize(prompt), 120, temperature=0.8, seed=0))
     print(f"\nvalidation: loss {result.get('val_loss', float('nan')):.4f}, "
           f"bits per byte {result.get('val_bpb', float('nan')):.4f} after {result.get('tokens', 0):,} tokens", file=sys.stderr)
     print(f"parameters file: {gguf_path}\nloss curve: {out / 'loss.png'}\nsample (run.py, {gguf_path.name}):\n", file=sys.stderr)
