@@ -38,8 +38,6 @@ from twofile import assets, run  # noqa: E402
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
           "combined movable metal type, oil-based ink and a wooden press. ")
 BIG = 1e9  # bytes: files over this get shorter prompt and generation runs
-# llama.cpp b11312, llama-bench, 2 threads, on the 2-core development machine (the issue's figures)
-LLAMA_CPP = {"Q4_1": (274, 124), "Q8_0": (658, 110), "F32": (454, 51)}
 
 
 def memory_bandwidth(runs: int) -> float:
@@ -340,13 +338,8 @@ def chart(results: list[dict], bandwidth: float, out: Path):
     ax.plot(sizes, bandwidth * 1e3 / sizes, "k--", lw=1, label=f"roofline ({bandwidth:.0f} GB/s)")
     for r in results:
         ax.plot(r["weights_mb_per_token"], r["gen_tok_s"], "o", label=f"{r['file']} ({r['roofline_fraction']:.0%})")
-    for name, (_, tg) in LLAMA_CPP.items():
-        match = [r for r in results if r["file"] == f"SmolLM2-135M-Instruct.{name}.gguf"]
-        if match:
-            ax.plot(match[0]["weights_mb_per_token"], tg, "kx")
-    ax.plot([], [], "kx", label="llama.cpp, same file type (2 threads)")
     ax.set(xscale="log", yscale="log", xlabel="weights read per token (MB)", ylabel="generation (tok/s)",
-           title="run.py generation speed, 2 threads")
+           title=f"run.py generation speed, {len(os.sched_getaffinity(0))} threads, {machine().split(',')[0]}")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -386,8 +379,6 @@ def main():
     for r in results:
         print(f"{r['file']} | {r['vocab']:,} | {r['gen_tok_s']:.2f} tok/s | {r['gen_sampled_tok_s']:.2f} tok/s | "
               f"{r['sample_ms']:.3f} | {r['sample_share']:.1%}", flush=True)
-    for name, (pp, tg) in LLAMA_CPP.items():
-        print(f"llama.cpp (issue figures) {name}: pp512 {pp} tok/s, tg128 {tg} tok/s")
     r = child_load_and_rss(files[0], 9, numpy_only=True)  # what run.py does with numpy alone
     print(f"numpy only (RUN_PY_NUMBA=0), {files[0].name}: load {r['load']:.2f} s, generation {r['tg']:.2f} tok/s "
           f"(tg8), peak RSS {r['rss'] / 1e6:.0f} MB")

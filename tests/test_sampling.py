@@ -74,6 +74,20 @@ def reference_distribution(logits, temperature, top_k, top_p, min_p):
     return order, probs / probs.sum()
 
 
+def test_top_k_ids_on_ties_sorted_and_constant_logits():
+    """The k largest, against a full sort: distinct ids whose values are the k largest values
+    (with ties, which of the equal ones is free)."""
+    rng = np.random.default_rng(0)
+    cases = [np.arange(1000, dtype=np.float32), np.arange(1000, dtype=np.float32)[::-1].copy(),
+             np.zeros(777, np.float32), rng.integers(0, 5, 1001).astype(np.float32),
+             rng.standard_normal(49152).astype(np.float32)]
+    for logits in cases:
+        for k in (1, 2, 3, 40, 333, len(logits) - 1):
+            ids = run.top_k_ids(logits, k)
+            assert len(ids) == len(set(ids.tolist())) == k
+            assert np.array_equal(np.sort(logits[ids]), np.sort(logits)[-k:]), (len(logits), k)
+
+
 @pytest.mark.parametrize("vocab", [50, 5000, 49152])
 def test_distribution_equals_the_full_sort(vocab):
     """Every combination of filters on peaked and flat logits: the same tokens kept, with the

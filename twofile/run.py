@@ -1002,6 +1002,17 @@ class StreamDecoder:
 # Sampler
 # ---------------------------------------------------------------------------
 
+def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest logits (0 < k < len), in no particular order. Cheaper than a
+    partial selection over the whole vocabulary: the smallest of the maxima of k chunks is a
+    cut with at least k logits at or above it (the maxima themselves), usually few more, and
+    only those are selected among."""
+    chunk = len(logits) // k
+    cut = logits[:chunk * k].reshape(k, chunk).max(axis=1).min()
+    above = np.flatnonzero(logits >= cut)
+    return above[np.argpartition(logits[above], len(above) - k)[len(above) - k:]]
+
+
 def sampling_distribution(logits: np.ndarray, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
                           min_p: float = 0.05, repeat_penalty: float = 1.0,
                           recent: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -1009,8 +1020,9 @@ def sampling_distribution(logits: np.ndarray, temperature: float = 0.8, top_k: i
     particular order. Order as in Hugging Face's generate: repetition penalty, then
     temperature, then top-k, top-p and min-p filters on the resulting distribution.
     temperature <= 0 is greedy (argmax); top_k 0, top_p 1 and min_p 0 disable their filters.
-    The vocabulary is never sorted (7 ms at 49k tokens): top-k is a partial selection, min-p a
-    threshold on the logits, and only the few tokens that can survive are sorted for top-p."""
+    The vocabulary is never sorted (7 ms at 49k tokens): top-k is a partial selection (see
+    top_k_ids), min-p a threshold on the logits, and only the few tokens that can survive are
+    sorted for top-p."""
     if repeat_penalty != 1.0 and len(recent):
         seen = np.unique(np.asarray(recent))
         logits = logits.copy()
@@ -1023,7 +1035,7 @@ def sampling_distribution(logits: np.ndarray, temperature: float = 0.8, top_k: i
     def weights(ids):  # probabilities up to a common factor
         return np.exp((logits[ids].astype(np.float64) - top) / temperature)
 
-    pool = np.argpartition(logits, n - top_k)[n - top_k:] if 0 < top_k < n else None  # None: all
+    pool = top_k_ids(logits, top_k) if 0 < top_k < n else None  # None: all
     keep = pool
     if min_p > 0:  # p_i >= min_p * p_max  <=>  logit_i >= max + temperature * ln(min_p)
         threshold = top + temperature * math.log(min_p)
@@ -1036,7 +1048,7 @@ def sampling_distribution(logits: np.ndarray, temperature: float = 0.8, top_k: i
             np.exp((logits - top) / temperature, dtype=np.float32).sum(dtype=np.float64)
         k = 64
         while True:
-            candidates = keep if keep is not None else np.argpartition(logits, n - k)[n - k:] if k < n else np.arange(n)
+            candidates = keep if keep is not None else top_k_ids(logits, k) if k < n else np.arange(n)
             order = candidates[np.argsort(-logits[candidates], kind="stable")]
             mass = np.cumsum(weights(order)) / total
             if keep is not None or mass[-1] >= top_p or k >= n:
