@@ -139,7 +139,7 @@ def small_model_bytes(tmp_path_factory):
     return path.read_bytes()
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_files_load_or_fail_cleanly(tmp_path, small_model_bytes, data):
     """Random byte edits, in the header and metadata where they matter most: the file either
