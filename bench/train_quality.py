@@ -17,8 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.run_speed import machine  # noqa: E402
 from twofile import train  # noqa: E402
-
-DEFAULT_VOCAB = 4096
+from twofile.cli import DEFAULT_VOCAB  # noqa: E402
 
 
 def main():
