@@ -297,10 +297,15 @@ def run_training(cfg: train.TrainConfig, resume=False, nproc=1, wait=True):
                "--master_port", str(29500 + os.getpid() % 1000), str(script), *args]
     else:
         cmd = [sys.executable, "-c", code, *args]
+    return launch(cmd, wait)
+
+
+def launch(cmd, wait):
+    """Start a command: with wait, its stderr once it succeeded; else the running process."""
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return p
-    stdout, stderr = p.communicate(timeout=600)
+    _, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
     return stderr
 
@@ -506,13 +511,7 @@ def test_a_second_ctrl_c_stops_at_once(straight_run, tiny_data, tmp_path):
 def cli_train(data_dir, out, *flags, resume=False, wait=True):
     """`python -m twofile train` as a user runs it: its stderr, or with wait=False the process."""
     args = ["--resume", str(out)] if resume else ["--data", str(data_dir), "--out", str(out), *flags]
-    cmd = [sys.executable, "-m", "twofile", "train", *args]
-    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return p
-    _, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
-    return stderr
+    return launch([sys.executable, "-m", "twofile", "train", *args], wait)
 
 
 def test_ctrl_c_stops_at_a_step_boundary_and_resumes_bit_exact(tiny_data, tmp_path):
