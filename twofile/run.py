@@ -1127,9 +1127,7 @@ class Session:
         else:
             for i in range(0, len(ids), PROMPT_BATCH):
                 batch = ids[i:i + PROMPT_BATCH]
-                logits = model._forward(self.k_cache, self.v_cache, batch, start + i, all_logits)
-                rows.extend(logits if all_logits else logits[-1:])
-            rows = rows if all_logits else rows[-1:]
+                rows.extend(model._forward(self.k_cache, self.v_cache, batch, start + i, all_logits))
         self.tokens.extend(ids)
         return np.stack(rows) if all_logits else rows[-1]
 
