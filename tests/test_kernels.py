@@ -36,21 +36,21 @@ def raw_matrix(qtype, rows, cols, rng):
 
 @pytest.mark.parametrize("qtype", FLOATS + QUANTIZED, ids=lambda q: q.name)
 @pytest.mark.parametrize("rows", [1, 3, 67, 1029])
-def test_matvec_every_type_and_odd_row_counts(qtype, rows):
+def test_matmul_every_type_and_odd_row_counts(qtype, rows):
     """Rows that are no multiple of the chunks or threads, down to a single row; x with
     outliers and a block of zeros. Oracle: gguf.quants' decoder and a float64 product."""
     rng = np.random.default_rng(rows + int(qtype))
     cols = 512
     raw, w = raw_matrix(qtype, rows, cols, rng)
-    x = rng.standard_normal(cols).astype(np.float32)
-    x[5] = 40.0
-    x[64:96] = 0.0
-    expected = w.astype(np.float64) @ x.astype(np.float64)
-    scale = np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)  # size of the terms
+    x = rng.standard_normal((3, cols)).astype(np.float32)  # three vectors, as three sequences
+    x[0, 5] = 40.0
+    x[1, 64:96] = 0.0
+    expected = x.astype(np.float64) @ w.astype(np.float64).T
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T  # size of the terms
     for threads in (1, 2, 3):
         run.numba.set_num_threads(threads)  # the pool (NUMBA_NUM_THREADS, set in conftest) has 4
-        out = np.full(rows, np.nan, np.float32)
-        run._matvec(raw, int(qtype), x, *run._quantize(x), out, 4 * threads)
+        out = np.full((3, rows), np.nan, np.float32)
+        run._matmul(raw, int(qtype), x, *run._quantize(x), out, 4 * threads)
         # floats: float32 rounding; quantized: x rounded to 16 bits (error <= 1/65534 of a block's max)
         tolerance = 1e-6 if qtype in FLOATS else 5e-5
         assert np.all(np.abs(out - expected) <= tolerance * scale.max())
@@ -102,8 +102,8 @@ def test_both_paths_same_logits_every_type(tmp_path, bpe_tokenizer, qtype):
 @pytest.mark.parametrize("qtype", FLOATS + QUANTIZED, ids=lambda q: q.name)
 def test_logits_bit_identical_across_threads_and_batches(tmp_path, bpe_tokenizer, qtype):
     """The determinism a lossless compressor relies on: the same tokens through the same file
-    give bit-identical logits with 1, 2 and 3 threads, fed one by one, in one batch, or in
-    uneven pieces, in exact sessions (and in default ones, for batches under SHORT_PROMPT)."""
+    give bit-identical logits with 1, 2 and 3 threads, fed one by one, in one batch, in uneven
+    pieces (one over KERNEL_BATCH), or through feed_many beside another session's tokens."""
     model = tiny_llama(tie=False, hidden=256, ff=512, n_head=8, n_head_kv=2, layers=2)
     path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"), qtype=qtype)
     ids = list(np.random.default_rng(5).integers(0, 320, 70))
@@ -116,11 +116,18 @@ def test_logits_bit_identical_across_threads_and_batches(tmp_path, bpe_tokenizer
         batch = m.session(exact=True).feed(ids, all_logits=True)
         s = m.session(exact=True)
         pieces = np.concatenate([s.feed(ids[a:b], all_logits=True) for a, b in ((0, 1), (1, 40), (40, 70))])
-        short = m.session()  # default session: batches under SHORT_PROMPT take the same path
-        short_pieces = np.concatenate([short.feed(ids[a:a + 10], all_logits=True) for a in range(0, 70, 10)])
+        default = m.session()  # exact or not, the kernels' path is the same
+        default_pieces = np.concatenate([default.feed(ids[a:a + 10], all_logits=True) for a in range(0, 70, 10)])
+        mine, other = m.session(), m.session()
+        other.feed(ids[:9])
+        mixed = []  # mine one token at a time, beside other's pieces of 3 tokens, in one pass
+        for t in range(70):
+            mixed.append(run.feed_many([other, mine], [ids[9 + t % 50:12 + t % 50], [ids[t]]])[1])
+            if len(other.tokens) > 60:
+                other.rewind(9)
         if reference is None:
             reference = one_by_one
-        for other in (one_by_one, batch, pieces, short_pieces):
+        for other in (one_by_one, batch, pieces, default_pieces, np.stack(mixed)):
             assert np.array_equal(other.view(np.uint32), reference.view(np.uint32))
 
 
@@ -151,19 +158,38 @@ def test_one_token_prompt_and_full_context(tmp_path, bpe_tokenizer):
         s.step(ids[40])
 
 
-def test_short_and_long_prompts_take_the_same_path_to_the_same_logits(tmp_path, bpe_tokenizer, monkeypatch):
-    """Prompts under SHORT_PROMPT run token by token through the kernels, longer ones through
-    numpy's matrix products; the cache they leave behind is the same."""
-    model = tiny_llama(tie=False, hidden=64, ff=96)
+def test_feed_many_is_each_sessions_own_feed(tmp_path, bpe_tokenizer):
+    """feed_many over sessions at different positions (new prompts, single tokens, a rewound
+    session) gives each the logits its own feed gives, to the bit, and leaves the same cache;
+    transformers is the oracle for the values. Bad calls are refused before anything runs."""
+    model = tiny_llama(tie=False, hidden=64, ff=96, n_head=4, n_head_kv=2)
     path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
-    ids = list(np.random.default_rng(4).integers(0, 320, 20))
-    results = []
-    for short in (100, 1):
-        monkeypatch.setattr(run, "SHORT_PROMPT", short)
-        s = run.load(path).session()
-        results.append((s.prefill(ids), s.step(9)))
-    assert np.abs(results[0][0] - results[1][0]).max() <= 1e-4
-    assert np.abs(results[0][1] - results[1][1]).max() <= 1e-4
+    m = run.load(path, threads=2)
+    rng = np.random.default_rng(6)
+    histories = [list(rng.integers(0, 320, n)) for n in (0, 5, 30)]
+    news = [list(rng.integers(0, 320, n)) for n in (12, 1, 3)]
+    together = [m.session() for _ in histories]
+    for s, h in zip(together, histories):
+        if h:
+            s.feed(h + [1, 2])
+            s.rewind(len(h))  # cached keys past the rewind point must not be seen
+    got = run.feed_many(together, news)
+    for s, h, new, logits in zip(together, histories, news, got):
+        alone = m.session()
+        expected = alone.feed(h + new)
+        assert np.array_equal(logits, expected) and s.tokens == alone.tokens
+        assert np.array_equal(s.step(3), alone.step(3))
+        with torch.no_grad():
+            oracle = model(torch.tensor([h + new])).logits[0, -1].numpy()
+        assert np.abs(logits - oracle).max() <= 1e-3 * max(1.0, np.abs(oracle).max())
+    with pytest.raises(ValueError, match="distinct sessions"):
+        run.feed_many([together[0], together[0]], [[1], [2]])
+    with pytest.raises(ValueError, match="one list of tokens per session"):
+        run.feed_many(together, [[1]])
+    before = [list(s.tokens) for s in together]
+    with pytest.raises(ValueError, match="out of range"):
+        run.feed_many(together, [[1], [2], [10**6]])
+    assert [s.tokens for s in together] == before
 
 
 def test_threads_argument(tmp_path, tiny_gguf):
@@ -188,7 +214,7 @@ def test_kernels_that_fail_to_compile_fall_back_to_numpy(tiny_gguf, monkeypatch,
     def broken(*args):
         raise run.numba.core.errors.TypingError("no such intrinsic")
 
-    monkeypatch.setattr(run, "_decode_token", broken)
+    monkeypatch.setattr(run, "_decode_tokens", broken)
     monkeypatch.setattr(run, "_compiled", None)
     m = run.load(path)
     assert not m.use_numba

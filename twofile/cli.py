@@ -3,6 +3,7 @@
     twofile run                                  # the default model, a short demo generation
     twofile run MODEL.gguf -p "Once upon a time" -n 64 --temperature 0.8 --seed 1
     twofile chat [MODEL.gguf]                    # interactive chat with the model's template
+    twofile serve [MODEL.gguf] [--port 8080]     # OpenAI-compatible API and a web page
     twofile data fetch-default                   # the default corpus into the cache
     twofile tokenizer train [CORPUS...] --vocab-size 8192 -o tok.json
     twofile data prepare [CORPUS...] --tokenizer tok.json -o data/ [--val-fraction 0.01]
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from twofile import assets, run
 
@@ -138,6 +140,23 @@ def eval_command(args) -> None:
           f"perplexity {r['perplexity']:.2f} | bits per byte {r['bits_per_byte']:.4f}")
 
 
+def serve_command(args) -> None:
+    from twofile import serve
+
+    for name in ("parallel", "max_queue", "ctx_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port} is not a TCP port (1-65535)")
+    key = args.api_key
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise ValueError(f"{args.api_key_file}: the API key file is empty")
+    serve.serve(args.model, args.host, args.port, key, args.parallel, args.ctx_size, args.threads, args.max_queue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twofile", description="The whole life of a language model.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"a .gguf file (default: {assets.DEFAULT_MODEL.name}, fetched once)")
         run.add_generation_args(p)
         p.set_defaults(action=lambda a: (run.run_chat if a.command == "chat" else run.run_prompt)(_model_path(a), a))
+
+    p = commands.add_parser("serve", help="an OpenAI-compatible HTTP API and a chat web page for a GGUF model",
+                            description="Serve a GGUF model: the OpenAI API at /v1 and a web page at /.")
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"a .gguf file (default: {assets.DEFAULT_MODEL.name}, fetched once)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default: %(default)s)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None, help="clients must send Authorization: Bearer KEY (default: none)")
+    key.add_argument("--api-key-file", default=None,
+                     help="read the key from this file, kept out of the process list (default: none)")
+    p.add_argument("--parallel", type=int, default=4,
+                   help="conversations generated at once, each with its own KV cache (default: %(default)s)")
+    p.add_argument("--ctx-size", type=int, default=None, help="context window of each (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, help="threads for generation (default: the cores available)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; more get 429 with Retry-After (default: %(default)s)")
+    p.set_defaults(action=serve_command)
 
     data_parser = commands.add_parser("data", help="corpora and token shards").add_subparsers(dest="data", required=True)
     p = data_parser.add_parser("fetch-default", help="fetch the default corpus (Shakespeare) into the cache")

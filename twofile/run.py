@@ -488,8 +488,8 @@ class Layer:
     w_down: TensorInfo
 
 
-PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
-SHORT_PROMPT = 32   # with numba, fewer new tokens than this run one by one (measured crossover)
+PROMPT_BATCH = 512  # numpy: prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
+KERNEL_BATCH = 64   # numba: prompt tokens per pass of the kernels over the weights
 
 
 class Model:
@@ -621,18 +621,22 @@ class Model:
         rotated = np.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(*x.shape[:-1], d)
         return np.concatenate([rotated, x[..., d:]], axis=-1) if d < x.shape[-1] else rotated
 
-    def _decode(self, k_cache, v_cache, token, pos):
-        """One token at position pos through the compiled kernels: its next-token logits."""
-        angles = pos * self.inv_freq
+    def _decode(self, caches, tokens, positions, wanted):
+        """Tokens through the compiled kernels, token t with the caches caches[t] (a (keys,
+        values) pair) at position positions[t], all in one pass over the weights: the
+        next-token logits of tokens `wanted` (len(wanted), n_vocab)."""
+        positions, wanted = np.asarray(positions, np.int64), np.asarray(wanted, np.int64)
+        angles = positions[:, None] * self.inv_freq[None, :]
         cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-        x = get_rows(self.token_embd, [token])[0]
-        logits = np.empty(self.config.n_vocab, np.float32)
+        x = get_rows(self.token_embd, tokens)
+        logits = np.empty((len(wanted), self.config.n_vocab), np.float32)
+        k_caches, v_caches = numba.typed.List([k for k, _ in caches]), numba.typed.List([v for _, v in caches])
         # one kernel call at a time: numba's own thread pool may not be entered from two
         # threads at once (its 'workqueue' layer aborts), and one call already uses every core
         with _KERNEL_LOCK:
             numba.set_num_threads(self.threads)  # per calling thread in numba
-            _decode_token(x, pos, self.gguf.data, self._table, self._norms, k_cache, v_cache, cos, sin,
-                          self.config.n_head, self.config.norm_eps, logits, self.threads)
+            _decode_tokens(x, positions, self.gguf.data, self._table, self._norms, k_caches, v_caches, cos, sin,
+                           self.config.n_head, self.config.norm_eps, wanted, logits, self.threads)
         return logits
 
 
@@ -984,18 +988,41 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns token ids into text as they arrive, holding back an incomplete UTF-8
-    sequence until the token that completes it (a character can span tokens)."""
+    """Turns token ids into text as they arrive: whole UTF-8 characters only (a character can
+    span tokens), and with stop strings, never a stop string or a tail that may begin one.
+    Stop strings are matched on bytes, so one whose characters are split across tokens still
+    matches; the text ends exactly where it starts (OpenAI's rule) and `stopped` turns True."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
+        self.stops = [s.encode("utf-8") for s in stop if s]
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.out = bytearray()  # the bytes of every token
+        self.sent = 0           # how many of them have been returned as text
+        self.stopped = False
 
     def __call__(self, token: int) -> str:
-        return self.utf8.decode(self.tokenizer.token_bytes(token))
+        out, stops, before = self.out, self.stops, len(self.out)
+        out += self.tokenizer.token_bytes(token)
+        if not stops:
+            self.sent = len(out)
+            return self.utf8.decode(out[before:])
+        # a stop string that ends in this token's bytes: the text ends where it begins
+        found = [i for i in (out.find(s, max(before - len(s) + 1, 0)) for s in stops) if i >= 0]
+        if found:
+            self.stopped = True
+            piece, self.sent = self.utf8.decode(bytes(out[self.sent:min(found)]), final=True), len(out)
+            return piece
+        # hold back a tail that may be the start of a stop string
+        held = next((k for k in range(min(max(map(len, stops)) - 1, len(out) - self.sent), 0, -1)
+                     if any(s.startswith(out[len(out) - k:]) for s in stops)), 0)
+        piece, self.sent = self.utf8.decode(bytes(out[self.sent:len(out) - held])), len(out) - held
+        return piece
 
     def flush(self) -> str:
-        return self.utf8.decode(b"", final=True)
+        """The held-back rest, at the end of the text."""
+        piece, self.sent = self.utf8.decode(bytes(self.out[self.sent:]), final=True), len(self.out)
+        return piece
 
 
 # ---------------------------------------------------------------------------
@@ -1090,12 +1117,13 @@ class Session:
         s.logprobs(context, cont)   # log P(cont[i] | context + cont[:i]), context's cache reused
         s.generate(ids, ...)        # a Generation: iterate for the text
 
-    A session is for one thread at a time; threads share the model, each with its own session.
-    exact=True runs every token through the same one-token path, so a token's logits are
-    bit-identical however the tokens before it were fed (one by one or in batches) and whatever
-    the thread count: what an encoder and a decoder that must agree to the bit need. By
-    default, 32 or more new tokens with numba (2 or more without) run as matrix-matrix products
-    (BLAS), several times faster for long prompts, equal within float32 rounding (1e-3)."""
+    A session is for one thread at a time; threads share the model, each with its own session;
+    feed_many() feeds several sessions in one pass over the weights.
+    With numba, a token's logits are bit-identical however the tokens before it were fed (one
+    by one, in batches, with other sessions' tokens) and whatever the thread count: what an
+    encoder and a decoder that must agree to the bit need. Without numba, 2 or more new tokens
+    run as matrix-matrix products (BLAS), many times faster, equal within float32 rounding
+    (1e-3); exact=True runs them one at a time instead, for the same guarantee."""
 
     def __init__(self, model: Model, exact: bool = False):
         self.model, self.exact = model, exact
@@ -1110,25 +1138,27 @@ class Session:
         """Append tokens after those in the cache; return the next-token logits after the
         last one (float32 [n_vocab]) or after each one (float32 [len(ids), n_vocab])."""
         ids = self._check(ids)
-        start, model = len(self.tokens), self.model
-        self._reserve(start + len(ids))
+        model = self.model
+        self._reserve(len(self.tokens) + len(ids))
         rows = []
-        if self.exact or len(ids) < (SHORT_PROMPT if model.use_numba else 2):
-            # one at a time: with numba, cheaper than decoding every matrix to float32 for a
-            # few tokens; and a token's logits then never depend on its batch
+        if model.use_numba:  # KERNEL_BATCH tokens per pass over the weights
+            for i in range(0, len(ids), KERNEL_BATCH):
+                batch, start = ids[i:i + KERNEL_BATCH], len(self.tokens)
+                wanted = range(len(batch)) if all_logits else [len(batch) - 1] if i + len(batch) == len(ids) else []
+                rows.extend(model._decode([(self.k_cache, self.v_cache)] * len(batch), batch,
+                                          range(start, start + len(batch)), list(wanted)))
+                self.tokens.extend(batch)
+        elif self.exact or len(ids) == 1:  # numpy, one token at a time: as exact as the kernels
             for i, token in enumerate(ids):
-                pos = start + i
-                if model.use_numba:
-                    logits = model._decode(self.k_cache, self.v_cache, token, pos)
-                else:
-                    logits = model._forward(self.k_cache, self.v_cache, [token], pos, False)[0]
+                logits = model._forward(self.k_cache, self.v_cache, [token], len(self.tokens), False)[0]
+                self.tokens.append(token)
                 if all_logits or i == len(ids) - 1:
                     rows.append(logits)
-        else:
+        else:  # numpy, matrix-matrix products (BLAS): many times faster for a prompt
             for i in range(0, len(ids), PROMPT_BATCH):
                 batch = ids[i:i + PROMPT_BATCH]
-                rows.extend(model._forward(self.k_cache, self.v_cache, batch, start + i, all_logits))
-        self.tokens.extend(ids)
+                rows.extend(model._forward(self.k_cache, self.v_cache, batch, len(self.tokens), all_logits))
+                self.tokens.extend(batch)
         return np.stack(rows) if all_logits else rows[-1]
 
     def step(self, token: int) -> np.ndarray:
@@ -1204,6 +1234,33 @@ class Session:
         self.k_cache, self.v_cache = k, v
 
 
+def feed_many(sessions: Sequence[Session], token_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Feed token_lists[i] to sessions[i] (distinct sessions of one model): the next-token
+    logits after each list. With numba, all of the tokens go through the kernels in one pass
+    over the weights: what a server needs, decoding many conversations (one token each) and
+    reading a new prompt (a chunk of it) at once, the weights read once per step rather than
+    once per conversation. Each session's logits are bit-identical to its own feed's."""
+    if len(sessions) != len(token_lists) or not sessions:
+        raise ValueError(f"feed_many needs one list of tokens per session, not {len(token_lists)} for "
+                         f"{len(sessions)}")
+    model = sessions[0].model
+    if any(s.model is not model for s in sessions) or len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("feed_many needs distinct sessions of one model")
+    token_lists = [s._check(ids) for s, ids in zip(sessions, token_lists)]
+    if not model.use_numba:
+        return [s.feed(ids) for s, ids in zip(sessions, token_lists)]
+    caches, tokens, positions, wanted = [], [], [], []
+    for s, ids in zip(sessions, token_lists):
+        s._reserve(len(s.tokens) + len(ids))
+        caches += [(s.k_cache, s.v_cache)] * len(ids)
+        positions += range(len(s.tokens), len(s.tokens) + len(ids))
+        tokens += ids
+        wanted.append(len(tokens) - 1)
+    logits = model._decode(caches, tokens, positions, wanted)
+    for s, ids in zip(sessions, token_lists):
+        s.tokens.extend(ids)
+    return list(logits)
+
 class Generation:
     """One call of Session.generate. Iterating yields the new text in pieces (whole UTF-8
     characters, never a stop string or a piece that may start one); afterwards
@@ -1232,11 +1289,8 @@ class Generation:
     def _run(self, session, prompt, max_tokens, sampling, seed, stop, ignore_eos):
         tokenizer = session.model.tokenizer
         eog = np.array(sorted(tokenizer.eog_ids), dtype=np.int64)
-        stops = [s.encode("utf-8") for s in stop if s]
         rng = np.random.default_rng(seed)
-        out = bytearray()   # the bytes of every sampled token
-        sent = 0            # how many of them have been yielded as text
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = StreamDecoder(tokenizer, stop)
         history = list(prompt)
         logits = session.prefill(prompt)
         self.finish_reason = "length"
@@ -1250,30 +1304,19 @@ class Generation:
                 break
             self.tokens.append(token)
             history.append(token)
-            before = len(out)
-            out += tokenizer.token_bytes(token)
-            # a stop string that ends in this token's bytes: the text ends where it begins
-            found = [i for i in (out.find(s, max(before - len(s) + 1, 0)) for s in stops) if i >= 0]
-            if found:
-                piece = utf8.decode(bytes(out[sent:min(found)]), final=True)
-                if piece:
-                    yield piece
-                self.finish_reason = "stop"
-                return
-            # hold back a tail that may be the start of a stop string
-            held = next((k for k in range(min(max(map(len, stops), default=1) - 1, len(out) - sent), 0, -1)
-                         if any(s.startswith(out[len(out) - k:]) for s in stops)), 0)
-            piece = utf8.decode(bytes(out[sent:len(out) - held]))
-            sent = len(out) - held
+            piece = text(token)
             if piece:
                 yield piece
+            if text.stopped:
+                self.finish_reason = "stop"
+                return
             if len(self.tokens) == max_tokens:  # the last token's logits are never needed
                 break
             if len(session.tokens) >= session.n_ctx:
                 self.finish_reason = "context"
                 break
             logits = session.step(token)
-        piece = utf8.decode(bytes(out[sent:]), final=True)
+        piece = text.flush()
         if piece:
             yield piece
 
@@ -1927,38 +1970,53 @@ def _rows(w, ggml_type, x, xq, xd, xsum, out, first, last):
 
 @_jit
 def _quantize(x):
-    """x as 16-bit integers per block of 32: (the integers, each block's scale, each block's sum
-    of its rounded values: scale * sum of its integers)."""
-    n = max(x.shape[0] // 32, 1)
-    xq, xd, xsum = np.zeros(x.shape[0], np.int16), np.zeros(n, np.float32), np.zeros(n, np.float32)
-    for b in range(x.shape[0] // 32):
-        top = np.float32(0)
-        for j in range(32):
-            top = max(top, abs(x[32 * b + j]))
-        xd[b] = top / np.float32(32767)
-        inverse = np.float32(32767) / top if top > 0 else np.float32(0)
-        for j in range(32):
-            q = np.floor(x[32 * b + j] * inverse + np.float32(0.5))
-            xq[32 * b + j] = np.int16(q)
-            xsum[b] += q
-        xsum[b] *= xd[b]
+    """Each row of x (B, n) as 16-bit integers per block of 32: (the integers, each block's
+    scale, each block's sum of its rounded values: scale * sum of its integers)."""
+    B, n = x.shape
+    blocks = max(n // 32, 1)
+    xq = np.zeros((B, n), np.int16)
+    xd, xsum = np.zeros((B, blocks), np.float32), np.zeros((B, blocks), np.float32)
+    for s in range(B):
+        for b in range(n // 32):
+            top = np.float32(0)
+            for j in range(32):
+                top = max(top, abs(x[s, 32 * b + j]))
+            xd[s, b] = top / np.float32(32767)
+            inverse = np.float32(32767) / top if top > 0 else np.float32(0)
+            for j in range(32):
+                q = np.floor(x[s, 32 * b + j] * inverse + np.float32(0.5))
+                xq[s, 32 * b + j] = np.int16(q)
+                xsum[s, b] += q
+            xsum[s, b] *= xd[s, b]
     return xq, xd, xsum
 
 
+TILE_ROWS = 8  # rows multiplied with every vector of a batch while they are in the L1 cache
+
+
 @_kernel
-def _matvec(w, ggml_type, x, xq, xd, xsum, out, chunks):
-    """out = w @ x for a matrix w (rows, row_bytes) in its file type, with x also given as
-    _quantize(x); its rows are split in `chunks` parts shared among the threads. (No array
-    expressions here: in a parallel function each would be a parallel region of its own.)"""
+def _matmul(w, ggml_type, x, xq, xd, xsum, out, chunks):
+    """out[s] = w @ x[s] for each row s of x (B, n), a matrix w (rows, row_bytes) in its file
+    type, x also given as _quantize(x). w's rows are split in `chunks` parts shared among the
+    threads, and taken TILE_ROWS at a time for all B vectors: the weights are read from memory
+    once per call, however many vectors (sequences) there are. (No array expressions here: in a
+    parallel function each would be a parallel region of its own.)"""
     rows = w.shape[0]
     chunks = min(rows, chunks)
     for c in _prange(chunks):
-        _rows(w, ggml_type, x, xq, xd, xsum, out, c * rows // chunks, (c + 1) * rows // chunks)
+        last = (c + 1) * rows // chunks
+        for first in range(c * rows // chunks, last, TILE_ROWS):
+            for s in range(x.shape[0]):
+                _rows(w, ggml_type, x[s], xq[s], xd[s], xsum[s], out[s], first, min(first + TILE_ROWS, last))
 
 
 @_jit
 def _rms_norm(x, weight, eps):
-    return x * (np.float32(1) / np.sqrt(np.mean(x * x) + np.float32(eps))) * weight
+    """Each row of x (B, n) normalized."""
+    out = np.empty_like(x)
+    for s in range(x.shape[0]):
+        out[s] = x[s] * (np.float32(1) / np.sqrt(np.mean(x[s] * x[s]) + np.float32(eps))) * weight
+    return out
 
 
 @_jit
@@ -1997,61 +2055,71 @@ def _attend(q, keys, values, S, head, group, out):
 
 
 @_kernel
-def _attention(q, keys, values, S, n_head, out, threads):
-    """Every query head against the first S positions of keys, values (n_head_kv, head_dim,
-    positions), heads split among the threads. Whole cache arrays are passed (not slices) so
-    that numba knows they are contiguous."""
-    group = n_head // keys.shape[0]
+def _attention(q, k_caches, v_caches, layer, positions, n_head, out, threads):
+    """Every query head of every sequence s (q[s]) against the first positions[s] + 1 positions
+    of its cache's layer; the (sequence, head) pairs are split among the threads."""
+    group = n_head // k_caches[0].shape[1]
+    pairs = q.shape[0] * n_head
     for t in _prange(threads):
-        for head in range(t * n_head // threads, (t + 1) * n_head // threads):
-            _attend(q, keys, values, S, head, group, out)
+        for pair in range(t * pairs // threads, (t + 1) * pairs // threads):
+            s, head = pair // n_head, pair % n_head
+            _attend(q[s], k_caches[s][layer], v_caches[s][layer], positions[s] + 1, head, group, out[s])
 
 
 @_jit
-def _matvec_at(data, table, m, x, xq, xd, xsum, out, chunks):
-    """_matvec on matrix m of the table: its (byte offset, bytes, rows, type) in the file's bytes."""
+def _matmul_at(data, table, m, x, xq, xd, xsum, out, chunks):
+    """_matmul on matrix m of the table: its (byte offset, bytes, rows, type) in the file's bytes."""
     offset, size, rows = table[m, 0], table[m, 1], table[m, 2]
-    _matvec(data[offset:offset + size].reshape(rows, size // rows), table[m, 3], x, xq, xd, xsum, out, chunks)
+    _matmul(data[offset:offset + size].reshape(rows, size // rows), table[m, 3], x, xq, xd, xsum, out, chunks)
 
 
 @_jit
-def _decode_token(x, pos, data, table, norms, k_cache, v_cache, cos, sin, n_head, eps, logits, threads):
-    """Run one token (its embedding x) at position pos through every layer, writing its keys and
-    values to the caches and the next-token logits to `logits`. data is the file's bytes; table
-    rows 7i..7i+6 place layer i's q, k, v, output, gate, up and down matrices in it (see
-    _matvec_at), the last row the output projection."""
-    n_layer, n_head_kv, head_dim, _ = k_cache.shape
+def _decode_tokens(x, positions, data, table, norms, k_caches, v_caches, cos, sin, n_head, eps, wanted, logits,
+                   threads):
+    """Run tokens (their embeddings x, (T, n_embd)) through every layer, token t at position
+    positions[t] of the sequence whose caches are k_caches[t], v_caches[t] ((layers, kv heads,
+    head_dim, positions)); write their keys and values there, and the next-token logits of
+    tokens `wanted` to logits (len(wanted), n_vocab). Tokens of several sequences (a server's
+    conversations) and several tokens of one sequence (a prompt: the same caches, consecutive
+    positions) mix freely: each layer writes every token's keys and values before any token
+    attends, and a token attends to the positions up to its own. data is the file's bytes;
+    table rows 7i..7i+6 place layer i's q, k, v, output, gate, up and down matrices in it (see
+    _matmul_at), the last row the output projection. A token's numbers depend only on it and
+    the cache before it, never on the others in the call: its logits are those it gets alone."""
+    n_layer, n_head_kv, head_dim, _ = k_caches[0].shape
+    T = x.shape[0]
     chunks = 4 * threads  # smaller pieces than threads, so that a slow thread delays less
-    q = np.empty(n_head * head_dim, np.float32)
-    k, v = np.empty(n_head_kv * head_dim, np.float32), np.empty(n_head_kv * head_dim, np.float32)
-    att, proj = np.empty(n_head * head_dim, np.float32), np.empty(x.shape[0], np.float32)
-    gate, up = np.empty(table[4, 2], np.float32), np.empty(table[4, 2], np.float32)
+    q = np.empty((T, n_head * head_dim), np.float32)
+    k, v = np.empty((T, n_head_kv * head_dim), np.float32), np.empty((T, n_head_kv * head_dim), np.float32)
+    att, proj = np.empty((T, n_head * head_dim), np.float32), np.empty(x.shape, np.float32)
+    gate, up = np.empty((T, table[4, 2]), np.float32), np.empty((T, table[4, 2]), np.float32)
     for i in range(n_layer):
         m = 7 * i
         h = _rms_norm(x, norms[i, 0], eps)
         hq, hd, hs = _quantize(h)
-        _matvec_at(data, table, m, h, hq, hd, hs, q, chunks)
-        _matvec_at(data, table, m + 1, h, hq, hd, hs, k, chunks)
-        _matvec_at(data, table, m + 2, h, hq, hd, hs, v, chunks)
-        _rope(q, n_head, head_dim, cos, sin)
-        _rope(k, n_head_kv, head_dim, cos, sin)
-        k_cache[i, :, :, pos] = k.reshape(n_head_kv, head_dim)
-        v_cache[i, :, :, pos] = v.reshape(n_head_kv, head_dim)
-        _attention(q, k_cache[i], v_cache[i], pos + 1, n_head, att, threads)
+        _matmul_at(data, table, m, h, hq, hd, hs, q, chunks)
+        _matmul_at(data, table, m + 1, h, hq, hd, hs, k, chunks)
+        _matmul_at(data, table, m + 2, h, hq, hd, hs, v, chunks)
+        for t in range(T):
+            _rope(q[t], n_head, head_dim, cos[t], sin[t])
+            _rope(k[t], n_head_kv, head_dim, cos[t], sin[t])
+            k_caches[t][i, :, :, positions[t]] = k[t].reshape(n_head_kv, head_dim)
+            v_caches[t][i, :, :, positions[t]] = v[t].reshape(n_head_kv, head_dim)
+        _attention(q, k_caches, v_caches, i, positions, n_head, att, threads)
         aq, ad, as_ = _quantize(att)
-        _matvec_at(data, table, m + 3, att, aq, ad, as_, proj, chunks)
+        _matmul_at(data, table, m + 3, att, aq, ad, as_, proj, chunks)
         x = x + proj
         h = _rms_norm(x, norms[i, 1], eps)
         hq, hd, hs = _quantize(h)
-        _matvec_at(data, table, m + 4, h, hq, hd, hs, gate, chunks)
-        _matvec_at(data, table, m + 5, h, hq, hd, hs, up, chunks)
+        _matmul_at(data, table, m + 4, h, hq, hd, hs, gate, chunks)
+        _matmul_at(data, table, m + 5, h, hq, hd, hs, up, chunks)
         gate = gate / (np.float32(1) + np.exp(-gate)) * up
         gq, gd, gs = _quantize(gate)
-        _matvec_at(data, table, m + 6, gate, gq, gd, gs, proj, chunks)
+        _matmul_at(data, table, m + 6, gate, gq, gd, gs, proj, chunks)
         x = x + proj
-    h = _rms_norm(x, norms[n_layer, 0], eps)
+    h = _rms_norm(x[wanted], norms[n_layer, 0], eps)
     hq, hd, hs = _quantize(h)
-    _matvec_at(data, table, table.shape[0] - 1, h, hq, hd, hs, logits, chunks)
+    _matmul_at(data, table, table.shape[0] - 1, h, hq, hd, hs, logits, chunks)
 
 
 _compiled = None  # None: not tried yet; then whether the kernels compiled
@@ -2070,9 +2138,10 @@ def _compile_kernels() -> bool:
         table = np.array([[0, 64, 1, 0]] * 8)  # eight 1 x 16 F32 matrices, all the same bytes
         cache = np.zeros((1, 1, 2, 1), np.float32)  # (layers, kv heads, head_dim, positions)
         try:
-            _decode_token(np.zeros(16, np.float32), 0, data, table, np.ones((2, 2, 16), np.float32), cache,
-                          cache.copy(), np.ones(1, np.float32), np.zeros(1, np.float32), 1, 1e-5,
-                          np.zeros(1, np.float32), 1)
+            _decode_tokens(np.zeros((1, 16), np.float32), np.zeros(1, np.int64), data, table,
+                           np.ones((2, 2, 16), np.float32), numba.typed.List([cache]), numba.typed.List([cache.copy()]),
+                           np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32), 1, 1e-5,
+                           np.zeros(1, np.int64), np.zeros((1, 1), np.float32), 1)
             _compiled = True
         except Exception as e:  # numba reports compile failures with many exception types
             first_line = (str(e).strip().splitlines() or [""])[0]
