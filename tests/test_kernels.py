@@ -42,14 +42,14 @@ def test_matmul_every_type_and_odd_row_counts(qtype, rows):
     rng = np.random.default_rng(rows + int(qtype))
     cols = 512
     raw, w = raw_matrix(qtype, rows, cols, rng)
-    x = rng.standard_normal((3, cols)).astype(np.float32)  # three vectors, as three sequences
+    x = rng.standard_normal((6, cols)).astype(np.float32)  # six vectors: a group of four, two alone
     x[0, 5] = 40.0
     x[1, 64:96] = 0.0
     expected = x.astype(np.float64) @ w.astype(np.float64).T
     scale = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T  # size of the terms
     for threads in (1, 2, 3):
         run.numba.set_num_threads(threads)  # the pool (NUMBA_NUM_THREADS, set in conftest) has 4
-        out = np.full((3, rows), np.nan, np.float32)
+        out = np.full((6, rows), np.nan, np.float32)
         run._matmul(raw, int(qtype), x, *run._quantize(x), out, 4 * threads)
         # floats: float32 rounding; quantized: x rounded to 16 bits (error <= 1/65534 of a block's max)
         tolerance = 1e-6 if qtype in FLOATS else 5e-5
@@ -160,7 +160,7 @@ def test_one_token_prompt_and_full_context(tmp_path, bpe_tokenizer):
 
 def test_feed_many_is_each_sessions_own_feed(tmp_path, bpe_tokenizer):
     """feed_many over sessions at different positions (new prompts, single tokens, a rewound
-    session) gives each the logits its own feed gives, to the bit, and leaves the same cache;
+    session) gives each the logits its own exact feed gives, to the bit, and the same cache;
     transformers is the oracle for the values. Bad calls are refused before anything runs."""
     model = tiny_llama(tie=False, hidden=64, ff=96, n_head=4, n_head_kv=2)
     path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
@@ -168,14 +168,14 @@ def test_feed_many_is_each_sessions_own_feed(tmp_path, bpe_tokenizer):
     rng = np.random.default_rng(6)
     histories = [list(rng.integers(0, 320, n)) for n in (0, 5, 30)]
     news = [list(rng.integers(0, 320, n)) for n in (12, 1, 3)]
-    together = [m.session() for _ in histories]
+    together = [m.session(exact=True) for _ in histories]
     for s, h in zip(together, histories):
         if h:
             s.feed(h + [1, 2])
             s.rewind(len(h))  # cached keys past the rewind point must not be seen
     got = run.feed_many(together, news)
     for s, h, new, logits in zip(together, histories, news, got):
-        alone = m.session()
+        alone = m.session(exact=True)  # exact: every token through the kernels, as in feed_many
         expected = alone.feed(h + new)
         assert np.array_equal(logits, expected) and s.tokens == alone.tokens
         assert np.array_equal(s.step(3), alone.step(3))
@@ -190,6 +190,21 @@ def test_feed_many_is_each_sessions_own_feed(tmp_path, bpe_tokenizer):
     with pytest.raises(ValueError, match="out of range"):
         run.feed_many(together, [[1], [2], [10**6]])
     assert [s.tokens for s in together] == before
+
+
+def test_short_and_long_prompts_leave_the_same_cache(tmp_path, bpe_tokenizer, monkeypatch):
+    """In a default session, prompts under SHORT_PROMPT go through the kernels, longer ones
+    through numpy's matrix products; the logits and the cache they leave behind agree."""
+    model = tiny_llama(tie=False, hidden=64, ff=96)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"))
+    ids = list(np.random.default_rng(4).integers(0, 320, 20))
+    results = []
+    for short in (100, 1):
+        monkeypatch.setattr(run, "SHORT_PROMPT", short)
+        s = run.load(path).session()
+        results.append((s.prefill(ids), s.step(9)))
+    assert np.abs(results[0][0] - results[1][0]).max() <= 1e-4
+    assert np.abs(results[0][1] - results[1][1]).max() <= 1e-4
 
 
 def test_threads_argument(tmp_path, tiny_gguf):

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--api-key", default=None, help="clients must send Authorization: Bearer KEY (default: none)")
     key.add_argument("--api-key-file", default=None,
                      help="read the key from this file, kept out of the process list (default: none)")
-    p.add_argument("--parallel", type=int, default=4,
+    p.add_argument("--parallel", type=int, default=8,
                    help="conversations generated at once, each with its own KV cache (default: %(default)s)")
     p.add_argument("--ctx-size", type=int, default=None, help="context window of each (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="threads for generation (default: the cores available)")

@@ -488,8 +488,9 @@ class Layer:
     w_down: TensorInfo
 
 
-PROMPT_BATCH = 512  # numpy: prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
-KERNEL_BATCH = 64   # numba: prompt tokens per pass of the kernels over the weights
+PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
+SHORT_PROMPT = 32   # with numba, fewer new tokens than this go through the kernels (measured crossover)
+KERNEL_BATCH = 64   # tokens per pass of the kernels over the weights
 
 
 class Model:
@@ -1119,11 +1120,12 @@ class Session:
 
     A session is for one thread at a time; threads share the model, each with its own session;
     feed_many() feeds several sessions in one pass over the weights.
-    With numba, a token's logits are bit-identical however the tokens before it were fed (one
-    by one, in batches, with other sessions' tokens) and whatever the thread count: what an
-    encoder and a decoder that must agree to the bit need. Without numba, 2 or more new tokens
-    run as matrix-matrix products (BLAS), many times faster, equal within float32 rounding
-    (1e-3); exact=True runs them one at a time instead, for the same guarantee."""
+    exact=True runs every token through the compiled kernels (or, without numba, one at a
+    time), so a token's logits are bit-identical however the tokens before it were fed (one by
+    one, in batches, beside other sessions' tokens) and whatever the thread count: what an
+    encoder and a decoder that must agree to the bit need. By default, 32 or more new tokens
+    with numba (2 or more without) run as matrix-matrix products (BLAS), faster for long
+    prompts, equal within float32 rounding (1e-3)."""
 
     def __init__(self, model: Model, exact: bool = False):
         self.model, self.exact = model, exact
@@ -1141,7 +1143,7 @@ class Session:
         model = self.model
         self._reserve(len(self.tokens) + len(ids))
         rows = []
-        if model.use_numba:  # KERNEL_BATCH tokens per pass over the weights
+        if model.use_numba and (self.exact or len(ids) < SHORT_PROMPT):  # KERNEL_BATCH tokens per pass
             for i in range(0, len(ids), KERNEL_BATCH):
                 batch, start = ids[i:i + KERNEL_BATCH], len(self.tokens)
                 wanted = range(len(batch)) if all_logits else [len(batch) - 1] if i + len(batch) == len(ids) else []
@@ -1154,7 +1156,7 @@ class Session:
                 self.tokens.append(token)
                 if all_logits or i == len(ids) - 1:
                     rows.append(logits)
-        else:  # numpy, matrix-matrix products (BLAS): many times faster for a prompt
+        else:  # matrix-matrix products (BLAS): the fastest way through a long prompt
             for i in range(0, len(ids), PROMPT_BATCH):
                 batch = ids[i:i + PROMPT_BATCH]
                 rows.extend(model._forward(self.k_cache, self.v_cache, batch, len(self.tokens), all_logits))
@@ -1576,6 +1578,17 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
             def __init__(self, dmm, fe_type):
                 super().__init__(dmm, fe_type, _ir.VectorType(_ir.FloatType(), 16))
 
+        class _QuantsType(numba.types.Type):
+            def __init__(self):
+                super().__init__(name="Quants")
+
+        _quants = _QuantsType()
+
+        @_register_model(_QuantsType)
+        class _QuantsModel(_models.PrimitiveModel):  # one block's 32 weights as 16-bit integers
+            def __init__(self, dmm, fe_type):
+                super().__init__(dmm, fe_type, _ir.VectorType(_ir.IntType(16), 32))
+
         _I8, _I16, _I32, _F32 = _ir.IntType(8), _ir.IntType(16), _ir.IntType(32), _ir.FloatType()
 
         def _vec(element, n):
@@ -1594,21 +1607,27 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
                 mask = [0] * n
             return builder.shuffle_vector(value, _ir.Constant(value.type, None), _ir.Constant(_vec(_I32, n), mask))
 
-        def _accumulate(context, builder, acc, q, signed, offset, xq_type, xq, xo, scales):
-            """acc + scales * (pairwise sums of (q - offset) * xq[xo:xo+32]), q 32 bytes; LLVM turns
-            the multiply and pairwise add into one vpmaddwd (pmaddwd, smlal on other CPUs)."""
-            i16x32, i32x32 = _vec(_I16, 32), _vec(_I32, 32)
-            q16 = builder.sext(q, i16x32) if signed else builder.zext(q, i16x32)
-            q16 = builder.sub(q16, _splat(builder, builder.trunc(offset, _I16), 32))
+        def _widen(builder, q, signed, offset):
+            """32 bytes of weights (signed or not) as 16-bit integers, minus offset."""
+            q16 = builder.sext(q, _vec(_I16, 32)) if signed else builder.zext(q, _vec(_I16, 32))
+            return builder.sub(q16, _splat(builder, builder.trunc(offset, _I16), 32))
+
+        def _multiply_add(context, builder, acc, q16, xq_type, xq, xo, scales):
+            """acc + scales * (pairwise sums of q16 * xq[xo:xo+32]); LLVM turns the multiply and
+            pairwise add into one vpmaddwd (pmaddwd, smlal on other CPUs)."""
+            i32x32, f32x16 = _vec(_I32, 32), _vec(_F32, 16)
             x16 = _load(context, builder, xq_type, xq, xo, _I16, 32)
             products = builder.mul(builder.sext(q16, i32x32), builder.sext(x16, i32x32))
             pairs = builder.add(_splat(builder, products, 16, list(range(0, 32, 2))),
                                 _splat(builder, products, 16, list(range(1, 32, 2))))
-            lanes = builder.sitofp(pairs, _vec(_F32, 16))
-            f32x16 = _vec(_F32, 16)
+            lanes = builder.sitofp(pairs, f32x16)
             fmuladd = builder.module.declare_intrinsic("llvm.fmuladd.v16f32",
                                                        fnty=_ir.FunctionType(f32x16, [f32x16] * 3))
             return builder.call(fmuladd, [lanes, scales, acc])
+
+        def _accumulate(context, builder, acc, q, signed, offset, xq_type, xq, xo, scales):
+            """acc + scales * (pairwise sums of (q - offset) * xq[xo:xo+32]), q 32 bytes."""
+            return _multiply_add(context, builder, acc, _widen(builder, q, signed, offset), xq_type, xq, xo, scales)
 
         def _two_scales(builder, low, high):
             """16 lanes: `low` in lanes 0-7 (weights 0-15 of a block), `high` in 8-15 (16-31)."""
@@ -1658,27 +1677,58 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
                 return builder.bitcast(builder.shl(bits, _ir.Constant(_I32, 16)), _F32)
             return numba.types.float32(w, o), codegen
 
+        def _nibble_bytes(context, builder, wt, w_, o_, high_):
+            """A Q4/Q5 block's 32 weights as bytes: 16 bytes at o hold weights j (low nibble) and
+            j+16 (high nibble); for Q5 (high >= 0) bit j of the 4 bytes at `high` is weight j's
+            fifth bit."""
+            packed = _load(context, builder, wt, w_, o_, _I8, 16)
+            low = builder.and_(packed, _ir.Constant(_vec(_I8, 16), [15] * 16))
+            top = builder.lshr(packed, _ir.Constant(_vec(_I8, 16), [4] * 16))
+            q = builder.shuffle_vector(low, top, _ir.Constant(_vec(_I32, 32), list(range(32))))
+            # branch-free: for Q4 (high < 0) the word is read at o and masked to nothing
+            is_q5 = builder.icmp_signed(">=", high_, _ir.Constant(high_.type, 0))
+            word = _load(context, builder, wt, w_, builder.select(is_q5, high_, o_), _I32)
+            bits = builder.lshr(_splat(builder, word, 32), _ir.Constant(_vec(_I32, 32), list(range(32))))
+            bits = builder.and_(bits, _splat(builder, builder.zext(is_q5, _I32), 32))
+            return builder.or_(q, builder.shl(builder.trunc(bits, _vec(_I8, 32)), _ir.Constant(_vec(_I8, 32), [4] * 32)))
+
         @_intrinsic
         def _add_nibbles(typingctx, acc, w, o, high, xq, xo, scale, offset):
-            """Lanes += scale * block . xq[xo:xo+32] for a Q4/Q5 block: 16 bytes at o hold weights
-            j (low nibble) and j+16 (high nibble); for Q5 (high >= 0) bit j of the 4 bytes at
-            `high` is weight j's fifth bit. Weights are the unsigned values minus `offset`."""
+            """Lanes += scale * block . xq[xo:xo+32] for a Q4/Q5 block at o (see _nibble_bytes);
+            weights are the unsigned values minus `offset`."""
             def codegen(context, builder, signature, args):
                 acc_, w_, o_, high_, xq_, xo_, scale_, offset_ = args
-                wt = signature.args[1]
-                packed = _load(context, builder, wt, w_, o_, _I8, 16)
-                low = builder.and_(packed, _ir.Constant(_vec(_I8, 16), [15] * 16))
-                top = builder.lshr(packed, _ir.Constant(_vec(_I8, 16), [4] * 16))
-                q = builder.shuffle_vector(low, top, _ir.Constant(_vec(_I32, 32), list(range(32))))
-                # branch-free: for Q4 (high < 0) the word is read at o and masked to nothing
-                is_q5 = builder.icmp_signed(">=", high_, _ir.Constant(high_.type, 0))
-                word = _load(context, builder, wt, w_, builder.select(is_q5, high_, o_), _I32)
-                bits = builder.lshr(_splat(builder, word, 32), _ir.Constant(_vec(_I32, 32), list(range(32))))
-                bits = builder.and_(bits, _splat(builder, builder.zext(is_q5, _I32), 32))
-                q = builder.or_(q, builder.shl(builder.trunc(bits, _vec(_I8, 32)), _ir.Constant(_vec(_I8, 32), [4] * 32)))
+                q = _nibble_bytes(context, builder, signature.args[1], w_, o_, high_)
                 scales = _splat(builder, scale_, 16)
                 return _accumulate(context, builder, acc_, q, False, offset_, signature.args[4], xq_, xo_, scales)
             return _lanes(acc, w, o, high, xq, xo, scale, offset), codegen
+
+        @_intrinsic
+        def _unpack_nibbles(typingctx, w, o, high, offset):
+            """A Q4/Q5 block's weights (see _nibble_bytes) minus offset, for several _multiply_adds."""
+            def codegen(context, builder, signature, args):
+                w_, o_, high_, offset_ = args
+                q = _nibble_bytes(context, builder, signature.args[0], w_, o_, high_)
+                return _widen(builder, q, False, offset_)
+            return _quants(w, o, high, offset), codegen
+
+        @_intrinsic
+        def _unpack_int8(typingctx, w, o):
+            """A Q8_0 block's 32 signed bytes at o, for several _multiply_adds."""
+            def codegen(context, builder, signature, args):
+                q = _load(context, builder, signature.args[0], args[0], args[1], _I8, 32)
+                return _widen(builder, q, True, _ir.Constant(_ir.IntType(64), 0))
+            return _quants(w, o), codegen
+
+        @_intrinsic
+        def _madd(typingctx, acc, q, xq, xo, scale):
+            """Lanes += scale * q . xq[xo:xo+32]: the arithmetic of _add_nibbles and _add_int8 to the
+            bit, on weights unpacked once."""
+            def codegen(context, builder, signature, args):
+                acc_, q_, xq_, xo_, scale_ = args
+                return _multiply_add(context, builder, acc_, q_, signature.args[2], xq_, xo_,
+                                     _splat(builder, scale_, 16))
+            return _lanes(acc, q, xq, xo, scale), codegen
 
         def _float_vector(context, builder, array_type, array, index, n):
             return _load(context, builder, array_type, array, index, _F32, n)
@@ -1799,8 +1849,8 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
 
         # reassociation lets float sums use vector lanes; no 'no-inf/no-nan' assumptions (exp overflows)
         _FAST = {"reassoc", "contract", "nsz", "arcp"}
-        _jit = numba.njit(fastmath=_FAST, cache=True)
-        _kernel = numba.njit(fastmath=_FAST, cache=True, parallel=True)
+        _jit = numba.njit(fastmath=_FAST, cache=True, nogil=True)
+        _kernel = numba.njit(fastmath=_FAST, cache=True, parallel=True, nogil=True)
         _prange = numba.prange
 except Exception as e:  # numba and llvmlite report API mismatches with many exception types
     print(f"run.py: numba {numba.__version__} does not fit run.py's kernels ({type(e).__name__}: "
@@ -1968,6 +2018,82 @@ def _rows(w, ggml_type, x, xq, xd, xsum, out, first, last):
         raise ValueError("no kernel for this tensor type")
 
 
+# Several vectors (sequences) at once: a row's block is unpacked once and multiplied with four
+# vectors, each in its own accumulators (which also run in parallel, where one vector's wait
+# on each other). Same arithmetic as the one-vector functions above, in the same order, so a
+# vector's result does not depend on its company. For the five 32-weight block types; for the
+# others, and the vectors left over from fours, the rows go one vector at a time while in cache.
+GROUPED = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
+
+
+@_jit
+def _madd4(a0, a1, a2, a3, q, d, xq, xd, s, b):
+    """Four vectors' lanes += block b's integers q (scale d) . vectors s..s+3 of xq (addressed
+    flat: no slices in the inner loop)."""
+    n, o = xq.shape[1], 32 * b
+    return (_madd(a0, q, xq, s * n + o, d * xd[s, b]), _madd(a1, q, xq, (s + 1) * n + o, d * xd[s + 1, b]),
+            _madd(a2, q, xq, (s + 2) * n + o, d * xd[s + 2, b]), _madd(a3, q, xq, (s + 3) * n + o, d * xd[s + 3, b]))
+
+
+@_jit
+def _min4(m0, m1, m2, m3, m, xsum, s, b):
+    return m0 + m * xsum[s, b], m1 + m * xsum[s + 1, b], m2 + m * xsum[s + 2, b], m3 + m * xsum[s + 3, b]
+
+
+@_jit
+def _row4(w, ggml_type, xq, xd, xsum, out, r, s):
+    """out[s:s+4, r] = row r (its bytes w) . x[s:s+4], a GROUPED type: one loop per type, so
+    that nothing but arithmetic is inside it."""
+    blocks = xq.shape[1] // 32
+    a0, a1, a2, a3 = _zeros(), _zeros(), _zeros(), _zeros()
+    m0 = m1 = m2 = m3 = np.float32(0)
+    if ggml_type == GGMLType.Q8_0:
+        for b in range(blocks):
+            _prefetch(w, 34 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_int8(w, 34 * b + 2), _half(w, 34 * b), xq, xd, s, b)
+    elif ggml_type == GGMLType.Q4_0:
+        for b in range(blocks):
+            _prefetch(w, 18 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, 18 * b + 2, -1, 8), _half(w, 18 * b),
+                                    xq, xd, s, b)
+    elif ggml_type == GGMLType.Q4_1:
+        for b in range(blocks):
+            _prefetch(w, 20 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, 20 * b + 4, -1, 0), _half(w, 20 * b),
+                                    xq, xd, s, b)
+            m0, m1, m2, m3 = _min4(m0, m1, m2, m3, _half(w, 20 * b + 2), xsum, s, b)
+    elif ggml_type == GGMLType.Q5_0:
+        for b in range(blocks):
+            _prefetch(w, 22 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, 22 * b + 6, 22 * b + 2, 16),
+                                    _half(w, 22 * b), xq, xd, s, b)
+    else:
+        for b in range(blocks):
+            _prefetch(w, 24 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, 24 * b + 8, 24 * b + 4, 0),
+                                    _half(w, 24 * b), xq, xd, s, b)
+            m0, m1, m2, m3 = _min4(m0, m1, m2, m3, _half(w, 24 * b + 2), xsum, s, b)
+    if ggml_type == GGMLType.Q4_1 or ggml_type == GGMLType.Q5_1:
+        out[s, r], out[s + 1, r] = _total(a0) + m0, _total(a1) + m1
+        out[s + 2, r], out[s + 3, r] = _total(a2) + m2, _total(a3) + m3
+    else:
+        out[s, r], out[s + 1, r], out[s + 2, r], out[s + 3, r] = _total(a0), _total(a1), _total(a2), _total(a3)
+
+
+@_jit
+def _rows_many(w, ggml_type, x, xq, xd, xsum, out, first, last):
+    """out[:, first:last] for all the vectors of x (B, n)."""
+    B = x.shape[0]
+    fours = B // 4 * 4 if ggml_type in GROUPED else 0
+    for tile in range(first, last, TILE_ROWS):
+        end = min(tile + TILE_ROWS, last)
+        for r in range(tile, end):
+            for s in range(0, fours, 4):
+                _row4(w[r], ggml_type, xq, xd, xsum, out, r, s)
+        for s in range(fours, B):
+            _rows(w, ggml_type, x[s], xq[s], xd[s], xsum[s], out[s], tile, end)
+
+
 @_jit
 def _quantize(x):
     """Each row of x (B, n) as 16-bit integers per block of 32: (the integers, each block's
@@ -1991,23 +2117,24 @@ def _quantize(x):
     return xq, xd, xsum
 
 
-TILE_ROWS = 8  # rows multiplied with every vector of a batch while they are in the L1 cache
+TILE_ROWS = 8  # rows multiplied with every vector while they are in the L1 cache (types not GROUPED)
 
 
 @_kernel
 def _matmul(w, ggml_type, x, xq, xd, xsum, out, chunks):
     """out[s] = w @ x[s] for each row s of x (B, n), a matrix w (rows, row_bytes) in its file
     type, x also given as _quantize(x). w's rows are split in `chunks` parts shared among the
-    threads, and taken TILE_ROWS at a time for all B vectors: the weights are read from memory
-    once per call, however many vectors (sequences) there are. (No array expressions here: in a
-    parallel function each would be a parallel region of its own.)"""
+    threads; the weights are read from memory once per call, however many vectors (sequences)
+    there are. (No array expressions here: in a parallel function each would be a parallel
+    region of its own.)"""
     rows = w.shape[0]
     chunks = min(rows, chunks)
     for c in _prange(chunks):
-        last = (c + 1) * rows // chunks
-        for first in range(c * rows // chunks, last, TILE_ROWS):
-            for s in range(x.shape[0]):
-                _rows(w, ggml_type, x[s], xq[s], xd[s], xsum[s], out[s], first, min(first + TILE_ROWS, last))
+        first, last = c * rows // chunks, (c + 1) * rows // chunks
+        if x.shape[0] == 1:
+            _rows(w, ggml_type, x[0], xq[0], xd[0], xsum[0], out[0], first, last)
+        else:
+            _rows_many(w, ggml_type, x, xq, xd, xsum, out, first, last)
 
 
 @_jit

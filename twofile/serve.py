@@ -1,6 +1,6 @@
 """`twofile serve`: the model behind an OpenAI-compatible HTTP API, and a web page.
 
-    twofile serve [MODEL.gguf] [--host 127.0.0.1] [--port 8080] [--parallel 4] [--api-key KEY]
+    twofile serve [MODEL.gguf] [--host 127.0.0.1] [--port 8080] [--parallel 8] [--api-key KEY]
 
 Two kinds of work, two threads. uvicorn's event loop answers HTTP: it checks the key and the
 request, turns messages into tokens and streams the answer back. One engine thread runs the
@@ -406,7 +406,7 @@ class Metrics:
 # The HTTP side
 # ---------------------------------------------------------------------------
 
-def create_app(model: str | None = None, parallel: int = 4, ctx_size: int | None = None, threads: int | None = None,
+def create_app(model: str | None = None, parallel: int = 8, ctx_size: int | None = None, threads: int | None = None,
                api_key: str | None = None, max_queue: int = 64) -> FastAPI:
     """The ASGI app; the model loads in the engine thread (GET /health says 503 until then).
     model None: the default model, fetched into the cache if it is not there."""
@@ -807,7 +807,7 @@ class _Server(uvicorn.Server):
 
 
 def serve(model: str | None, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          parallel: int = 4, ctx_size: int | None = None, threads: int | None = None, max_queue: int = 64) -> None:
+          parallel: int = 8, ctx_size: int | None = None, threads: int | None = None, max_queue: int = 64) -> None:
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"twofile serve: warning: listening on {host} without an API key: anyone who can reach this "
               "machine can use the model (--api-key KEY)", file=sys.stderr)
