@@ -25,9 +25,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bench.run_speed import machine  # noqa: E402
-from conftest import Server  # noqa: E402
-from twofile import assets  # noqa: E402
+from conftest import Server
+
+from bench.run_speed import machine
+from twofile import assets
 
 
 def one_request(url: str, seed: int, max_tokens: int) -> tuple[float, float, int]:

@@ -15,7 +15,6 @@ import openai
 import psutil
 import pytest
 import torch
-
 from conftest import Server
 
 pytestmark = pytest.mark.slow
@@ -67,7 +66,7 @@ def token_id(tok, raw: list[int]) -> int:
 
 def metric(server, name) -> float:
     text = httpx.get(server.url + "/metrics").text
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
 def test_page_health_models_props_metrics(server, client):
@@ -366,3 +365,48 @@ def test_mixed_load_no_5xx_and_memory_flat(server):
     counts = [line for line in httpx.get(server.url + "/metrics").text.splitlines()
               if line.startswith("twofile_requests_total") and "/health" not in line]  # 503 while loading
     assert not any('status="5' in line for line in counts), counts
+
+
+def test_a_base_model_serves_completions_and_refuses_chat(tmp_path, bpe_tokenizer):
+    """A model without a chat template (what `twofile train` makes): /props says so (the page
+    opens in dream mode), chat is a 400, and greedy completions are transformers' argmax."""
+    from conftest import bpe_metadata, tiny_llama, write_llama_gguf
+
+    model = tiny_llama(tie=True)
+    metadata = bpe_metadata(bpe_tokenizer, "gpt-2")
+    del metadata["tokenizer.chat_template"]
+    path = write_llama_gguf(tmp_path / "base.gguf", model, metadata)
+    s = Server(str(path), "--parallel", "2")
+    try:
+        assert httpx.get(s.url + "/props").json()["chat_template"] is False
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}])
+        r = client.completions.create(model="base", prompt="The quick brown fox", max_tokens=8, temperature=0)
+        ids = bpe_tokenizer.encode("The quick brown fox").ids
+        start, eos = len(ids), bpe_tokenizer.token_to_id("<|im_end|>")
+        while len(ids) - start < 8:
+            with torch.no_grad():
+                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if token == eos:
+                break
+            ids.append(token)
+        assert r.choices[0].text == bpe_tokenizer.decode(ids[start:])
+        assert r.usage.completion_tokens == len(ids) - start
+    finally:
+        assert s.stop() == 0
+
+
+def test_bad_command_lines_fail_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for args, message in ((["missing.gguf"], "missing.gguf"), (["--port", "70000"], "not a TCP port"),
+                          (["--parallel", "0"], "--parallel must be at least 1")):
+        r = subprocess.run([sys.executable, "-m", "twofile", "serve", *args], capture_output=True, text=True,
+                           timeout=60, cwd=tmp_path)
+        assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (tmp_path / "empty").write_text("\n")
+    r = subprocess.run([sys.executable, "-m", "twofile", "serve", "--api-key-file", str(tmp_path / "empty")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "API key file is empty" in r.stderr

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import Server
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
-
-from conftest import Server
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
@@ -120,7 +119,7 @@ def api_chat(server, content, max_tokens) -> str:
 
 def metric(server, name) -> float:
     text = httpx.get(server.url + "/metrics").text
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
 def save_png(page, tmp_path, name) -> Path:

@@ -1670,6 +1670,13 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
             return numba.types.float32(w, o), codegen
 
         @_intrinsic
+        def _float(typingctx, w, o):
+            """The float32 at bytes o..o+3 of w."""
+            def codegen(context, builder, signature, args):
+                return _load(context, builder, signature.args[0], *args, _F32)
+            return numba.types.float32(w, o), codegen
+
+        @_intrinsic
         def _bf16(typingctx, w, o):
             """The bfloat16 at bytes o, o+1 of w, as float32 (its top 16 bits)."""
             def codegen(context, builder, signature, args):
@@ -1869,151 +1876,153 @@ if numba is None:  # nothing below is called without numba; the definitions stil
 PREFETCH = 2048
 
 @_jit
-def _prefetch_row(w):
-    for line in range(0, w.shape[0], 64):
-        _prefetch(w, line + PREFETCH)
+def _prefetch_row(w, o, size):
+    for line in range(0, size, 64):
+        _prefetch(w, o + line + PREFETCH)
 
 
 @_jit
-def _row_f32(w, x):  # float rows: prefetch first, then one plain loop the compiler vectorizes
-    _prefetch_row(w)
-    v, total = w.view(np.float32), np.float32(0)
-    for i in range(x.shape[0]):
-        total += v[i] * x[i]
-    return total
-
-
-@_jit
-def _row_f16(w, x):
-    _prefetch_row(w)
+def _row_f32(w, o, x):  # float rows: prefetch first, then one plain loop the compiler vectorizes
+    _prefetch_row(w, o, 4 * x.shape[0])
     total = np.float32(0)
     for i in range(x.shape[0]):
-        total += _half(w, 2 * i) * x[i]
+        total += _float(w, o + 4 * i) * x[i]
     return total
 
 
 @_jit
-def _row_bf16(w, x):
-    _prefetch_row(w)
+def _row_f16(w, o, x):
+    _prefetch_row(w, o, 2 * x.shape[0])
     total = np.float32(0)
     for i in range(x.shape[0]):
-        total += _bf16(w, 2 * i) * x[i]
+        total += _half(w, o + 2 * i) * x[i]
     return total
 
 
 @_jit
-def _row_q8_0(w, xq, xd, xsum):  # 34 bytes: d, 32 int8
+def _row_bf16(w, o, x):
+    _prefetch_row(w, o, 2 * x.shape[0])
+    total = np.float32(0)
+    for i in range(x.shape[0]):
+        total += _bf16(w, o + 2 * i) * x[i]
+    return total
+
+
+@_jit
+def _row_q8_0(w, o, xq, xd, xsum):  # 34 bytes: d, 32 int8
     acc = _zeros()
     for b in range(xq.shape[0] // 32):
-        _prefetch(w, 34 * b + PREFETCH)
-        acc = _add_int8(acc, w, 34 * b + 2, xq, 32 * b, _half(w, 34 * b) * xd[b])
+        _prefetch(w, o + 34 * b + PREFETCH)
+        acc = _add_int8(acc, w, o + 34 * b + 2, xq, 32 * b, _half(w, o + 34 * b) * xd[b])
     return _total(acc)
 
 
 @_jit
-def _row_q4_0(w, xq, xd, xsum):  # 18 bytes: d, 16 bytes of nibbles; weight = d * (q - 8)
+def _row_q4_0(w, o, xq, xd, xsum):  # 18 bytes: d, 16 bytes of nibbles; weight = d * (q - 8)
     acc = _zeros()
     for b in range(xq.shape[0] // 32):
-        _prefetch(w, 18 * b + PREFETCH)
-        acc = _add_nibbles(acc, w, 18 * b + 2, -1, xq, 32 * b, _half(w, 18 * b) * xd[b], 8)
+        _prefetch(w, o + 18 * b + PREFETCH)
+        acc = _add_nibbles(acc, w, o + 18 * b + 2, -1, xq, 32 * b, _half(w, o + 18 * b) * xd[b], 8)
     return _total(acc)
 
 
 @_jit
-def _row_q4_1(w, xq, xd, xsum):  # 20 bytes: d, m, nibbles; weight = d * q + m
+def _row_q4_1(w, o, xq, xd, xsum):  # 20 bytes: d, m, nibbles; weight = d * q + m
     acc, offsets = _zeros(), np.float32(0)
     for b in range(xq.shape[0] // 32):
-        _prefetch(w, 20 * b + PREFETCH)
-        acc = _add_nibbles(acc, w, 20 * b + 4, -1, xq, 32 * b, _half(w, 20 * b) * xd[b], 0)
-        offsets += _half(w, 20 * b + 2) * xsum[b]
+        _prefetch(w, o + 20 * b + PREFETCH)
+        acc = _add_nibbles(acc, w, o + 20 * b + 4, -1, xq, 32 * b, _half(w, o + 20 * b) * xd[b], 0)
+        offsets += _half(w, o + 20 * b + 2) * xsum[b]
     return _total(acc) + offsets
 
 
 @_jit
-def _row_q5_0(w, xq, xd, xsum):  # 22 bytes: d, fifth bits, nibbles; weight = d * (q - 16)
+def _row_q5_0(w, o, xq, xd, xsum):  # 22 bytes: d, fifth bits, nibbles; weight = d * (q - 16)
     acc = _zeros()
     for b in range(xq.shape[0] // 32):
-        _prefetch(w, 22 * b + PREFETCH)
-        acc = _add_nibbles(acc, w, 22 * b + 6, 22 * b + 2, xq, 32 * b, _half(w, 22 * b) * xd[b], 16)
+        _prefetch(w, o + 22 * b + PREFETCH)
+        acc = _add_nibbles(acc, w, o + 22 * b + 6, o + 22 * b + 2, xq, 32 * b, _half(w, o + 22 * b) * xd[b], 16)
     return _total(acc)
 
 
 @_jit
-def _row_q5_1(w, xq, xd, xsum):  # 24 bytes: d, m, fifth bits, nibbles; weight = d * q + m
+def _row_q5_1(w, o, xq, xd, xsum):  # 24 bytes: d, m, fifth bits, nibbles; weight = d * q + m
     acc, offsets = _zeros(), np.float32(0)
     for b in range(xq.shape[0] // 32):
-        _prefetch(w, 24 * b + PREFETCH)
-        acc = _add_nibbles(acc, w, 24 * b + 8, 24 * b + 4, xq, 32 * b, _half(w, 24 * b) * xd[b], 0)
-        offsets += _half(w, 24 * b + 2) * xsum[b]
+        _prefetch(w, o + 24 * b + PREFETCH)
+        acc = _add_nibbles(acc, w, o + 24 * b + 8, o + 24 * b + 4, xq, 32 * b, _half(w, o + 24 * b) * xd[b], 0)
+        offsets += _half(w, o + 24 * b + 2) * xsum[b]
     return _total(acc) + offsets
 
 
 @_jit
-def _row_q4_k(w, xq, xd, xsum):  # 144 bytes per 256 weights (see _add_k_block)
+def _row_q4_k(w, o, xq, xd, xsum):  # 144 bytes per 256 weights (see _add_k_block)
     acc = _zeros()
     for b in range(xq.shape[0] // 256):
         for line in range(0, 144, 64):
-            _prefetch(w, 144 * b + line + PREFETCH)
-        acc = _add_k_block(acc, w, 144 * b, 144 * b + 16, -1, xq, xd, xsum, 8 * b)
+            _prefetch(w, o + 144 * b + line + PREFETCH)
+        acc = _add_k_block(acc, w, o + 144 * b, o + 144 * b + 16, -1, xq, xd, xsum, 8 * b)
     return _total(acc)
 
 
 @_jit
-def _row_q5_k(w, xq, xd, xsum):  # 176 bytes: as Q4_K, with 32 bytes of fifth bits before the nibbles
+def _row_q5_k(w, o, xq, xd, xsum):  # 176 bytes: as Q4_K, with 32 bytes of fifth bits before the nibbles
     acc = _zeros()
     for b in range(xq.shape[0] // 256):
         for line in range(0, 176, 64):
-            _prefetch(w, 176 * b + line + PREFETCH)
-        acc = _add_k_block(acc, w, 176 * b, 176 * b + 48, 176 * b + 16, xq, xd, xsum, 8 * b)
+            _prefetch(w, o + 176 * b + line + PREFETCH)
+        acc = _add_k_block(acc, w, o + 176 * b, o + 176 * b + 48, o + 176 * b + 16, xq, xd, xsum, 8 * b)
     return _total(acc)
 
 
 @_jit
-def _row_q6_k(w, xq, xd, xsum):  # 210 bytes per 256 weights (see _add_q6_k_block)
+def _row_q6_k(w, o, xq, xd, xsum):  # 210 bytes per 256 weights (see _add_q6_k_block)
     acc = _zeros()
     for b in range(xq.shape[0] // 256):
         for line in range(0, 210, 64):
-            _prefetch(w, 210 * b + line + PREFETCH)
-        acc = _add_q6_k_block(acc, w, 210 * b, xq, xd, 8 * b)
+            _prefetch(w, o + 210 * b + line + PREFETCH)
+        acc = _add_q6_k_block(acc, w, o + 210 * b, xq, xd, 8 * b)
     return _total(acc)
 
 
 @_jit
 def _rows(w, ggml_type, x, xq, xd, xsum, out, first, last):
-    """out[r] = row r of w . x for first <= r < last; one type test per call, not per row."""
+    """out[r] = row r of w . x for first <= r < last; one type test per call, not per row. Rows
+    are addressed flat from their first byte (a slice w[r] per row would update the array's
+    reference count: an atomic operation on a cache line that every thread writes)."""
     if ggml_type == GGMLType.F32:
         for r in range(first, last):
-            out[r] = _row_f32(w[r], x)
+            out[r] = _row_f32(w, r * w.shape[1], x)
     elif ggml_type == GGMLType.F16:
         for r in range(first, last):
-            out[r] = _row_f16(w[r], x)
+            out[r] = _row_f16(w, r * w.shape[1], x)
     elif ggml_type == GGMLType.BF16:
         for r in range(first, last):
-            out[r] = _row_bf16(w[r], x)
+            out[r] = _row_bf16(w, r * w.shape[1], x)
     elif ggml_type == GGMLType.Q8_0:
         for r in range(first, last):
-            out[r] = _row_q8_0(w[r], xq, xd, xsum)
+            out[r] = _row_q8_0(w, r * w.shape[1], xq, xd, xsum)
     elif ggml_type == GGMLType.Q4_0:
         for r in range(first, last):
-            out[r] = _row_q4_0(w[r], xq, xd, xsum)
+            out[r] = _row_q4_0(w, r * w.shape[1], xq, xd, xsum)
     elif ggml_type == GGMLType.Q4_1:
         for r in range(first, last):
-            out[r] = _row_q4_1(w[r], xq, xd, xsum)
+            out[r] = _row_q4_1(w, r * w.shape[1], xq, xd, xsum)
     elif ggml_type == GGMLType.Q5_0:
         for r in range(first, last):
-            out[r] = _row_q5_0(w[r], xq, xd, xsum)
+            out[r] = _row_q5_0(w, r * w.shape[1], xq, xd, xsum)
     elif ggml_type == GGMLType.Q5_1:
         for r in range(first, last):
-            out[r] = _row_q5_1(w[r], xq, xd, xsum)
+            out[r] = _row_q5_1(w, r * w.shape[1], xq, xd, xsum)
     elif ggml_type == GGMLType.Q4_K:
         for r in range(first, last):
-            out[r] = _row_q4_k(w[r], xq, xd, xsum)
+            out[r] = _row_q4_k(w, r * w.shape[1], xq, xd, xsum)
     elif ggml_type == GGMLType.Q5_K:
         for r in range(first, last):
-            out[r] = _row_q5_k(w[r], xq, xd, xsum)
+            out[r] = _row_q5_k(w, r * w.shape[1], xq, xd, xsum)
     elif ggml_type == GGMLType.Q6_K:
         for r in range(first, last):
-            out[r] = _row_q6_k(w[r], xq, xd, xsum)
+            out[r] = _row_q6_k(w, r * w.shape[1], xq, xd, xsum)
     else:  # Model refuses such files at load; never read bytes as a type they are not
         raise ValueError("no kernel for this tensor type")
 
@@ -2042,37 +2051,39 @@ def _min4(m0, m1, m2, m3, m, xsum, s, b):
 
 @_jit
 def _row4(w, ggml_type, xq, xd, xsum, out, r, s):
-    """out[s:s+4, r] = row r (its bytes w) . x[s:s+4], a GROUPED type: one loop per type, so
-    that nothing but arithmetic is inside it."""
-    blocks = xq.shape[1] // 32
+    """out[s:s+4, r] = row r of w . x[s:s+4], a GROUPED type: one loop per type, so that
+    nothing but arithmetic is inside it. w is addressed flat from the row's first byte o (a
+    slice w[r] per row would update the array's reference count: an atomic operation on a
+    cache line that every thread writes)."""
+    blocks, o = xq.shape[1] // 32, r * w.shape[1]
     a0, a1, a2, a3 = _zeros(), _zeros(), _zeros(), _zeros()
     m0 = m1 = m2 = m3 = np.float32(0)
     if ggml_type == GGMLType.Q8_0:
         for b in range(blocks):
-            _prefetch(w, 34 * b + PREFETCH)
-            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_int8(w, 34 * b + 2), _half(w, 34 * b), xq, xd, s, b)
+            _prefetch(w, o + 34 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_int8(w, o + 34 * b + 2), _half(w, o + 34 * b), xq, xd, s, b)
     elif ggml_type == GGMLType.Q4_0:
         for b in range(blocks):
-            _prefetch(w, 18 * b + PREFETCH)
-            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, 18 * b + 2, -1, 8), _half(w, 18 * b),
+            _prefetch(w, o + 18 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, o + 18 * b + 2, -1, 8), _half(w, o + 18 * b),
                                     xq, xd, s, b)
     elif ggml_type == GGMLType.Q4_1:
         for b in range(blocks):
-            _prefetch(w, 20 * b + PREFETCH)
-            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, 20 * b + 4, -1, 0), _half(w, 20 * b),
+            _prefetch(w, o + 20 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, o + 20 * b + 4, -1, 0), _half(w, o + 20 * b),
                                     xq, xd, s, b)
-            m0, m1, m2, m3 = _min4(m0, m1, m2, m3, _half(w, 20 * b + 2), xsum, s, b)
+            m0, m1, m2, m3 = _min4(m0, m1, m2, m3, _half(w, o + 20 * b + 2), xsum, s, b)
     elif ggml_type == GGMLType.Q5_0:
         for b in range(blocks):
-            _prefetch(w, 22 * b + PREFETCH)
-            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, 22 * b + 6, 22 * b + 2, 16),
-                                    _half(w, 22 * b), xq, xd, s, b)
+            _prefetch(w, o + 22 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, o + 22 * b + 6, o + 22 * b + 2, 16),
+                                    _half(w, o + 22 * b), xq, xd, s, b)
     else:
         for b in range(blocks):
-            _prefetch(w, 24 * b + PREFETCH)
-            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, 24 * b + 8, 24 * b + 4, 0),
-                                    _half(w, 24 * b), xq, xd, s, b)
-            m0, m1, m2, m3 = _min4(m0, m1, m2, m3, _half(w, 24 * b + 2), xsum, s, b)
+            _prefetch(w, o + 24 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, o + 24 * b + 8, o + 24 * b + 4, 0),
+                                    _half(w, o + 24 * b), xq, xd, s, b)
+            m0, m1, m2, m3 = _min4(m0, m1, m2, m3, _half(w, o + 24 * b + 2), xsum, s, b)
     if ggml_type == GGMLType.Q4_1 or ggml_type == GGMLType.Q5_1:
         out[s, r], out[s + 1, r] = _total(a0) + m0, _total(a1) + m1
         out[s + 2, r], out[s + 3, r] = _total(a2) + m2, _total(a3) + m3
@@ -2089,7 +2100,7 @@ def _rows_many(w, ggml_type, x, xq, xd, xsum, out, first, last):
         end = min(tile + TILE_ROWS, last)
         for r in range(tile, end):
             for s in range(0, fours, 4):
-                _row4(w[r], ggml_type, xq, xd, xsum, out, r, s)
+                _row4(w, ggml_type, xq, xd, xsum, out, r, s)
         for s in range(fours, B):
             _rows(w, ggml_type, x[s], xq[s], xd[s], xsum[s], out[s], tile, end)
 
@@ -2157,28 +2168,30 @@ def _rope(x, n_head, head_dim, cos, sin):
 
 
 @_jit
-def _attend(q, keys, values, S, head, group, out):
-    """Query head `head` against the first S positions of its key/value head (head // group).
-    The caches hold (n_head_kv, head_dim, positions): every inner loop runs along positions."""
-    head_dim, kv = keys.shape[1], head // group
+def _attend(q, s, keys, values, layer, S, head, group, out):
+    """Query head `head` of sequence s (q[s]) against the first S positions of its key/value
+    head (head // group) in the layer's cache: out[s]'s part for that head. The caches hold
+    (layers, n_head_kv, head_dim, positions): every inner loop runs along positions. Arrays
+    are indexed, never sliced (see _rows)."""
+    head_dim, kv = keys.shape[2], head // group
     scale, q0 = np.float32(1.0 / np.sqrt(head_dim)), head * head_dim
     scores = np.zeros(S, np.float32)
     for d in range(head_dim):
-        qd = q[q0 + d] * scale
-        for s in range(S):
-            scores[s] += qd * keys[kv, d, s]
+        qd = q[s, q0 + d] * scale
+        for p in range(S):
+            scores[p] += qd * keys[layer, kv, d, p]
     top = scores[0]
-    for s in range(S):
-        top = max(top, scores[s])
+    for p in range(S):
+        top = max(top, scores[p])
     total = np.float32(0)
-    for s in range(S):
-        scores[s] = np.exp(scores[s] - top)
-        total += scores[s]
+    for p in range(S):
+        scores[p] = np.exp(scores[p] - top)
+        total += scores[p]
     for d in range(head_dim):
         weighted = np.float32(0)
-        for s in range(S):
-            weighted += scores[s] * values[kv, d, s]
-        out[q0 + d] = weighted / total
+        for p in range(S):
+            weighted += scores[p] * values[layer, kv, d, p]
+        out[s, q0 + d] = weighted / total
 
 
 @_kernel
@@ -2190,7 +2203,7 @@ def _attention(q, k_caches, v_caches, layer, positions, n_head, out, threads):
     for t in _prange(threads):
         for pair in range(t * pairs // threads, (t + 1) * pairs // threads):
             s, head = pair // n_head, pair % n_head
-            _attend(q[s], k_caches[s][layer], v_caches[s][layer], positions[s] + 1, head, group, out[s])
+            _attend(q, s, k_caches[s], v_caches[s], layer, positions[s] + 1, head, group, out)
 
 
 @_jit

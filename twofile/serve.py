@@ -583,7 +583,7 @@ def create_app(model: str | None = None, parallel: int = 8, ctx_size: int | None
                     yield _sse(chunk)
                 done += event[0] == "done"
             else:
-                if body_usage(reply):
+                if reply.include_usage:
                     yield _sse(reply.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away: starlette cancels this generator
@@ -649,10 +649,6 @@ class Guard:
         return None, receive
 
 
-def body_usage(reply: Reply) -> bool:
-    return bool(reply.body.stream_options and reply.body.stream_options.include_usage)
-
-
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -676,6 +672,7 @@ class Reply:
         # completions' legacy logprobs with echo: the prompt's tokens come first (first one: None)
         self.prompt_infos = [(i, None) for i in prompt] if echo and top is not None else []
         self.echo = echo
+        self.include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
 
     # -- logprobs in the two shapes ----------------------------------------------
     def _token(self, i: int) -> tuple[str, list[int]]:
@@ -743,7 +740,7 @@ class Reply:
         return chunks
 
     def _chunk(self, index, delta, finish, logprobs) -> dict:
-        usage = {"usage": None} if body_usage(self) else {}
+        usage = {"usage": None} if self.include_usage else {}
         if self.kind == "chat":
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
