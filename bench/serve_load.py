@@ -1,4 +1,5 @@
-"""`twofile serve` under load: time to first token and tokens/s at 1, 4, 8 and 16 clients.
+"""`twofile serve` under load: time to first token and tokens/s at 1, 4, 8 and 16 clients,
+then a mixed load that checks the server holds up.
 
     python bench/serve_load.py                       # the default model, --parallel 16
     python bench/serve_load.py MODEL.gguf --clients 1 8 --requests 4 --max-tokens 64
@@ -9,6 +10,11 @@ token and the last. Reported per level: p50/p95 time to first token, the median 
 speed (tokens after the first / time after the first), and the aggregate speed (all tokens /
 the level's wall time). The target (issue 10): 8 clients' aggregate at least 3x one client's,
 and p50 time to first token under 0.5 s at 8 clients. Nothing else should run meanwhile.
+
+The mixed load (tests/test_serve.py runs a smaller one): --mixed-requests chat requests from 16
+clients, 40% streamed, 40% whole, 10% streamed and dropped after 3 events, 10% malformed. It
+reports any 5xx, any valid answer that is incomplete or malformed, and the server's resident
+memory before and after (a first round of 16 requests warms it up).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -66,6 +74,48 @@ def level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "aggregate_tok_s": sum(r[2] for r in results) / wall}
 
 
+def mixed_load(url: str, pid: int, requests: int, clients: int = 16) -> dict:
+    """The mixed load; returns the kinds of the requests that failed, the server's 5xx
+    counts from its metrics and its resident memory (MB) before and after."""
+    rng = np.random.default_rng(0)
+    kinds = rng.choice(["stream", "whole", "cancel", "bad"], size=requests, p=[0.4, 0.4, 0.1, 0.1])
+    lengths = rng.integers(4, 24, size=requests)
+
+    def one(i, kind) -> bool:
+        body = {"messages": [{"role": "user", "content": f"Say hello to person {i}."}],
+                "max_tokens": int(lengths[i % requests]), "temperature": 0.7, "seed": i}
+        with httpx.Client(base_url=url, timeout=600) as h:
+            if kind == "bad":
+                r = h.post("/v1/chat/completions", json={**body, "temperature": "hot"})
+                return r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+            if kind == "whole":
+                r = h.post("/v1/chat/completions", json=body)
+                choice = r.json()["choices"][0] if r.status_code == 200 else {}
+                return choice.get("finish_reason") in ("stop", "length") and isinstance(choice["message"]["content"], str)
+            with h.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                if r.status_code != 200:
+                    return False
+                events = []
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if kind == "cancel" and len(events) == 3:
+                            return True  # the client goes away mid-stream
+                return events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] is not None
+
+    server = psutil.Process(pid)
+    with ThreadPoolExecutor(clients) as pool:  # warm-up: slots' caches and the pools reach their size
+        list(pool.map(one, range(clients), kinds[:clients]))
+    before = server.memory_info().rss / 2**20
+    with ThreadPoolExecutor(clients) as pool:
+        ok = list(pool.map(one, range(requests), kinds))
+    after = server.memory_info().rss / 2**20
+    errors = [line for line in httpx.get(url + "/metrics").text.splitlines()
+              if line.startswith("twofile_requests_total") and 'status="5' in line and "/health" not in line]
+    return {"failed": [str(k) for k, good in zip(kinds, ok) if not good], "5xx": errors,
+            "rss_before": before, "rss_after": after}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None, help="a .gguf file (default: the default model)")
@@ -74,12 +124,15 @@ def main():
     p.add_argument("--requests", type=int, default=3, help="requests per client per level (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default: %(default)s)")
     p.add_argument("--parallel", type=int, default=16, help="the server's --parallel (default: %(default)s)")
+    p.add_argument("--mixed-requests", type=int, default=300,
+                   help="requests of the mixed load; 0 skips it (default: %(default)s)")
     args = p.parse_args()
     model = args.model or str(assets.fetch(assets.DEFAULT_MODEL))
     server = Server(model, "--parallel", str(args.parallel))
     try:
         one_request(server.url, 0, 8)  # warm: kernels compiled, caches allocated
         rows = [level(server.url, c, args.requests, args.max_tokens) for c in args.clients]
+        mixed = mixed_load(server.url, server.proc.pid, args.mixed_requests) if args.mixed_requests else None
     finally:
         server.stop()
     print(f"twofile serve, {Path(model).name}, --parallel {args.parallel}, {args.max_tokens} tokens per request, "
@@ -91,6 +144,10 @@ def main():
         ratio = f"{r['aggregate_tok_s'] / base:.2f}x" if base else "-"
         print(f"| {r['clients']} | {r['ttft_p50']:.3f} s | {r['ttft_p95']:.3f} s | {r['stream_tok_s']:.1f} | "
               f"{r['aggregate_tok_s']:.1f} | {ratio} |")
+    if mixed:
+        print(f"mixed load, {args.mixed_requests} requests from 16 clients: {len(mixed['failed'])} failed "
+              f"{mixed['failed']}, 5xx: {mixed['5xx'] or 'none'}, server RSS {mixed['rss_before']:.0f} MB before, "
+              f"{mixed['rss_after']:.0f} MB after")
 
 
 if __name__ == "__main__":

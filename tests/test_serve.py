@@ -2,7 +2,6 @@
 what the client cannot send), in a real server process. Oracles: transformers on the same
 GGUF file for tokens and log-probabilities, the same request run alone for concurrency."""
 
-import json
 import re
 import signal
 import threading
@@ -12,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import openai
-import psutil
 import pytest
 import torch
 from conftest import Server
@@ -324,47 +322,14 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(smollm2_path):
 
 
 def test_mixed_load_no_5xx_and_memory_flat(server):
-    """16 clients, 120 requests: streamed and not, 10% dropped mid-stream, 10% malformed.
-    No 5xx, every valid answer complete and well-formed, memory back within 50 MB."""
-    process = psutil.Process(server.proc.pid)
-    rng = np.random.default_rng(0)
-    kinds = rng.choice(["stream", "whole", "cancel", "bad"], size=120, p=[0.4, 0.4, 0.1, 0.1])
-    lengths = rng.integers(4, 24, size=120)
+    """bench/serve_load.py's mixed load, smaller: 16 clients, 120 requests (streamed and not,
+    10% dropped mid-stream, 10% malformed). No 5xx, every valid answer complete and
+    well-formed, the server's memory back within 50 MB."""
+    from bench.serve_load import mixed_load
 
-    def one(i, kind):
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Say hello to person {i}."}],
-                "max_tokens": int(lengths[i]), "temperature": 0.7, "seed": i}
-        with httpx.Client(base_url=server.url, timeout=120) as h:
-            if kind == "bad":
-                r = h.post("/v1/chat/completions", json={**body, "temperature": "hot"})
-                return r.status_code == 400 and "error" in r.json()
-            if kind == "whole":
-                r = h.post("/v1/chat/completions", json=body)
-                return r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
-            with h.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-                if r.status_code != 200:
-                    return False
-                events = []
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        if kind == "cancel" and len(events) == 3:
-                            return True
-                return events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] is not None
-
-    def rss():
-        return process.memory_info().rss / 2**20
-
-    with ThreadPoolExecutor(16) as pool:  # a first round: caches and pools reach their size
-        list(pool.map(one, range(16), kinds[:16]))
-    before = rss()
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(120), kinds))
-    assert all(results), [k for k, ok in zip(kinds, results) if not ok]
-    assert rss() - before < 50, (before, rss())
-    counts = [line for line in httpx.get(server.url + "/metrics").text.splitlines()
-              if line.startswith("twofile_requests_total") and "/health" not in line]  # 503 while loading
-    assert not any('status="5' in line for line in counts), counts
+    result = mixed_load(server.url, server.proc.pid, 120)
+    assert result["failed"] == [] and result["5xx"] == [], result
+    assert result["rss_after"] - result["rss_before"] < 50, result
 
 
 def test_a_base_model_serves_completions_and_refuses_chat(tmp_path, bpe_tokenizer):
