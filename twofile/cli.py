@@ -130,8 +130,11 @@ def export_command(args) -> None:
 
 
 def eval_command(args) -> None:
-    from twofile import export
+    from twofile import evaluate, export
 
+    if args.task:
+        evaluate.run_tasks(args.model, args.task, args.shots, args.limit, args.json)
+        return
     model = run.load(args.model)
     with open(args.text, "rb") as f:
         text = f.read().decode("utf-8", errors="replace")
@@ -231,9 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the matrices' tensor type; norms stay f32 (default: %(default)s)")
     p.set_defaults(action=export_command)
 
-    p = commands.add_parser("eval", help="loss, perplexity and bits per byte of a GGUF model on a text")
+    from twofile.evaluate import SHOTS, TASKS  # a light module: numpy and run.py
+
+    p = commands.add_parser("eval", help="standard benchmarks (--task), or loss and bits per byte on a text (--text)")
     p.add_argument("model", help="a .gguf file")
-    p.add_argument("--text", required=True, help="a UTF-8 text file (read as text: special tokens stay text)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a UTF-8 text file, read as text: special tokens stay text "
+                                     "(default: none; this or --task)")
+    what.add_argument("--task", nargs="+", metavar="TASK",
+                      help=f"benchmarks, fetched once: {', '.join(TASKS)}, or all (default: none; this or --text)")
+    p.add_argument("--shots", type=int, choices=SHOTS, default=0,
+                   help="examples before each item, the suite's own (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="the first N items of each task (default: all)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     p.set_defaults(action=eval_command)
 
     return parser
