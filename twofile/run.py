@@ -1529,9 +1529,10 @@ def guarded(fn, *args) -> int:
 # ===========================================================================
 # Everything above runs with numpy alone. Generating a token reads every weight once, so its
 # speed is set by how fast the weights are read and unpacked. With numba installed, the
-# functions below are compiled on first use and cached on disk, and a whole token runs in one
-# call (_decode_token): each row's blocks are unpacked and multiplied in vector registers,
-# rows shared among the threads, nothing decoded to memory. Without numba, or with
+# functions below are compiled on first use and cached on disk, and a whole step runs in one
+# call (_decode_tokens), for one token or many (a prompt's, or several sessions' at once: the
+# weights are then read once for all): each row's blocks are unpacked and multiplied in vector
+# registers, rows shared among the threads, nothing decoded to memory. Without numba, or with
 # RUN_PY_NUMBA=0, Model._forward (numpy) runs instead.
 #
 # As in llama.cpp, the activations x are rounded to integers per block of 32, so a block's
