@@ -3,6 +3,7 @@ independent writer), tokenizers trained by Hugging Face `tokenizers`, varied tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -266,6 +267,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(*args: str):
+    """A Server for a with-block, stopped at its end (SIGTERM), where it must exit 0."""
+    s = Server(*args)
+    try:
+        yield s
+    finally:
+        code = s.stop()
+    assert code == 0, f"twofile serve exited {code}"
 
 
 class Server:

