@@ -7,16 +7,16 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from twofile import evaluate, run
 from twofile.evaluate import Item
 
-# the published sizes of the sets the suite evaluates on (validation/dev splits)
+# the published sizes of the sets the suite evaluates on (validation/dev splits; MMLU's test
+# split, LAMBADA's OpenAI test set)
 SIZES = {"arc_easy": 570, "arc_challenge": 299, "boolq": 3270, "csqa": 1221, "hellaswag": 10042, "openbookqa": 500,
-         "piqa": 1838, "sciq": 1000, "socialiqa": 1954, "winogrande": 1267}
+         "piqa": 1838, "sciq": 1000, "socialiqa": 1954, "winogrande": 1267, "mmlu": 14042, "lambada": 5153}
 
 
 def test_metrics_on_hand_built_items():
@@ -37,14 +37,48 @@ def test_normalization_by_bytes_changes_the_winner():
     assert m["acc"] == 0 and m["acc_norm"] == 1  # -1/3 < -2.5/9
 
 
+def test_lambada_metrics_by_hand():
+    m = evaluate.lambada_metrics([-1.0, -3.0, -2.0, -6.0], [True, False, True, False])
+    assert m["items"] == 4 and m["acc"] == 0.5 and m["acc_stderr"] == pytest.approx(math.sqrt(0.25 / 3))
+    assert m["perplexity"] == pytest.approx(math.exp(3.0))  # exp(-mean log-likelihood)
+
+
 @pytest.mark.parametrize("task", sorted(SIZES))
 def test_sets_are_the_published_ones(task):
     items = evaluate.load(task)
     assert len(items) == SIZES[task]
-    assert all(len(i.choices) >= 2 and 0 <= i.gold < len(i.choices) and len(i.contexts) == len(i.choices)
+    choices = 1 if task == "lambada" else 2
+    assert all(len(i.choices) >= choices and 0 <= i.gold < len(i.choices) and len(i.contexts) == len(i.choices)
                for i in items)
-    shots = evaluate.load(task, shots=5)[0]
-    assert len(shots.contexts[0]) > len(items[0].contexts[0])  # the examples come first
+    if task != "lambada":
+        shots = evaluate.load(task, shots=5)[0]
+        assert len(shots.contexts[0]) > len(items[0].contexts[0])  # the examples come first
+
+
+def test_mmlu_prompts_are_the_suites():
+    """Subject by subject (57, alphabetical), "Question: ...\nAnswer:" and " choice"; 5-shot
+    with the subject named and its 5 dev questions answered (the dev set's first, from the file)."""
+    zero, five = evaluate.load("mmlu"), evaluate.load("mmlu", shots=5)
+    first = zero[0]
+    assert first.contexts[0] == ("Question: Find the degree for the given field extension Q(sqrt(2), sqrt(3), "
+                                 "sqrt(18)) over Q.\nAnswer:")
+    assert first.choices == [" 0", " 4", " 2", " 6"] and first.gold == 1
+    context = five[0].contexts[0]
+    assert context.startswith("The following are multiple choice questions (with answers) about abstract algebra:"
+                              "\n\nQuestion: ")
+    assert context.endswith("\n\n" + first.contexts[0]) and context.count("\nAnswer: ") == 5
+    assert five[-1].contexts[0].startswith("The following are multiple choice questions (with answers) about "
+                                           "world religions:")
+
+
+def test_limit_draws_a_seeded_subset_in_order():
+    items = evaluate.load("mmlu")
+    a, b = evaluate.subset(items, 300), evaluate.subset(items, 300)
+    assert a == b and len(a) == 300  # the same items every time
+    where = [items.index(i) for i in a[:20]]
+    assert where == sorted(where) and where[-1] > 300  # in order, from across the set
+    assert evaluate.subset(items, 300, seed=1) != a
+    assert evaluate.subset(items[:10], 300) == items[:10]
 
 
 @pytest.fixture(scope="module")
@@ -62,26 +96,20 @@ def hf_model(smollm2_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["hellaswag", "arc_challenge", "winogrande", "piqa", "boolq"])
+@pytest.mark.parametrize("task", ["hellaswag", "arc_challenge", "winogrande", "piqa", "boolq", "mmlu", "lambada"])
 def test_choice_loglikelihoods_match_transformers(smollm2, hf_model, task):
-    """The numpy path (float32) within 1e-3 of transformers on the same GGUF, per choice; the
-    kernels (16-bit activations) within 0.05 and with the same ranking of the choices."""
-    item = evaluate.load(task)[3]
-    oracle = []
-    for context, continuation in zip(item.contexts, item.choices):
-        ctx, cont = evaluate.split_tokens(smollm2, context, continuation)
-        with torch.no_grad():
-            logp = torch.log_softmax(hf_model(torch.tensor([ctx + cont])).logits[0].double(), -1)
-        oracle.append(float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont))))
-    fast = evaluate.choice_scores(smollm2.session(), smollm2, item)
-    smollm2.use_numba = False
-    try:
-        exact = evaluate.choice_scores(smollm2.session(), smollm2, item)
-    finally:
-        smollm2.use_numba = run.numba is not None
-    assert np.allclose(exact, oracle, atol=1e-3), (exact, oracle)
-    assert np.allclose(fast, oracle, atol=0.05), (fast, oracle)
-    assert np.argmax(fast) == np.argmax(oracle)
+    """Two real items of each kind, scored together as the command does (shared contexts,
+    WinoGrande's different ones, LAMBADA's greedy word): each choice's log-likelihood within
+    1e-3 of transformers on the same GGUF, and its greediness the same."""
+    items = evaluate.load(task)[3:5]
+    groups = [evaluate.requests(smollm2, item) for item in items]
+    for group, result in zip(groups, smollm2.loglikelihoods(groups)):
+        for (ctx, cont), (logprobs, greedy) in zip(group, result):
+            with torch.no_grad():
+                logp = torch.log_softmax(hf_model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+            rows = logp[len(ctx) - 1:-1]
+            assert abs(logprobs.sum() - float(rows[range(len(cont)), cont].sum())) <= 1e-3
+            assert greedy == bool((rows.argmax(-1) == torch.tensor(cont)).all())
 
 
 def test_a_random_model_scores_near_chance(tiny_gguf):
@@ -101,12 +129,13 @@ def test_the_default_model_scores_clearly_above_chance(smollm2, task, limit):
 
 def test_command_line(tmp_path, tiny_gguf):
     out = tmp_path / "r.json"
-    r = subprocess.run([sys.executable, "-m", "twofile", "eval", str(tiny_gguf[0]), "--task", "arc_easy", "boolq",
+    r = subprocess.run([sys.executable, "-m", "twofile", "eval", str(tiny_gguf[0]), "--task", "arc_easy", "lambada",
                         "--limit", "3", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "| arc_easy | 3 |" in r.stdout and "| boolq | 3 |" in r.stdout
+    assert "| arc_easy | 0 | 3 |" in r.stdout and "| lambada | 0 | 3 |" in r.stdout
     results = json.loads(out.read_text())["results"]
-    assert [x["task"] for x in results] == ["arc_easy", "boolq"] and all(x["items"] == 3 for x in results)
+    assert [x["task"] for x in results] == ["arc_easy", "lambada"] and all(x["items"] == 3 for x in results)
+    assert results[1]["perplexity"] > 1 and "acc_norm" not in results[1]
     for args, message in ((["--task", "nope"], "unknown task 'nope'"), (["--task", "piqa", "--limit", "0"],
                                                                         "--limit 0 must be at least 1")):
         r = subprocess.run([sys.executable, "-m", "twofile", "eval", str(tiny_gguf[0]), *args],

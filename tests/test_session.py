@@ -102,6 +102,43 @@ def test_logprobs_with_reuse_are_bit_identical_to_fresh_sessions(tiny_gguf):
         assert np.array_equal(a, b)
 
 
+def test_loglikelihoods_of_groups_match_transformers(tiny_gguf, monkeypatch):
+    """Groups of (context, continuation) pairs, as benchmarks score them: contexts shared,
+    contexts that differ after a common start (WinoGrande's), one-token contexts and
+    continuations, packed several groups to a pass (and one group alone in a pass): every
+    token's log-probability equals transformers' on the whole sequence, and a continuation is
+    greedy exactly when each of its tokens is transformers' argmax."""
+    path, model = tiny_gguf
+    m = run.load(path)
+    rng = np.random.default_rng(4)
+    shared = list(rng.integers(0, 320, 40))
+    groups = [[(shared, list(rng.integers(0, 320, n))) for n in (1, 5, 3)],
+              [(shared[:20] + [7, 8], [9, 10]), (shared[:20] + [11], [9, 10, 12])],
+              [([5], [6]), ([5], [6, 7])],
+              [(list(rng.integers(0, 320, 60)), list(rng.integers(0, 320, 4)))]]
+    # a greedy continuation: transformers' own argmax tokens after a context
+    context = list(rng.integers(0, 320, 10))
+    greedy = []
+    for _ in range(3):
+        greedy.append(int(hf_logprobs(model, context + greedy)[-1].argmax()))
+    groups.append([(context, greedy), (context, greedy[:2] + [(greedy[2] + 1) % 320])])
+    monkeypatch.setattr(run, "SCORE_BATCH", 50)  # several passes, the big group alone in one
+    results = list(m.loglikelihoods(groups))
+    assert len(results) == len(groups)
+    for group, result in zip(groups, results):
+        assert len(result) == len(group)
+        for (ctx, cont), (logprobs, is_greedy) in zip(group, result):
+            theirs = hf_logprobs(model, ctx + cont)[len(ctx) - 1:-1]
+            assert logprobs.dtype == np.float64
+            assert np.abs(logprobs - theirs[np.arange(len(cont)), cont]).max() <= 1e-4
+            assert is_greedy == bool((theirs.argmax(-1) == cont).all())
+    assert results[-1][0][1] and not results[-1][1][1]
+    with pytest.raises(ValueError, match="a context and a continuation"):
+        list(m.loglikelihoods([[([1, 2], [])]]))
+    with pytest.raises(run.ContextFull, match="do not fit in the context of"):
+        list(m.loglikelihoods([[([1] * m.n_ctx, [2])]]))
+
+
 @pytest.mark.parametrize("use_numba", [True, False], ids=["numba", "numpy"])
 def test_four_threads_four_sessions_one_model(tiny_gguf, use_numba):
     """4 threads, each with its own session on ONE model, interleaved: every thread gets

