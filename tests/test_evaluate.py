@@ -127,6 +127,25 @@ def test_the_default_model_scores_clearly_above_chance(smollm2, task, limit):
     assert max(r["acc"], r["acc_norm"]) > r["chance"] + 3 * se, r
 
 
+def test_a_choice_longer_than_the_context_is_scored_in_pieces(tiny_gguf):
+    """Every token of the choice scored once, in order; each piece fits the context and comes
+    after at least half a context of the tokens before it (or all of them)."""
+    m = run.load(tiny_gguf[0])  # a context of 128 tokens
+    item = Item(["Once upon a time"] * 2, [" there was a king" * 60, " end"], 0)
+    long, short = evaluate.requests(m, item)
+    context, continuation = evaluate.split_tokens(m, item.contexts[0], item.choices[0])
+    whole = context + continuation
+    assert len(continuation) > 2 * m.n_ctx and len(long) > 2 and len(short) == 1
+    first = len(context)
+    for ctx, cont in long:
+        assert cont == whole[first:first + len(cont)] and ctx == whole[first - len(ctx):first]
+        assert len(ctx) + len(cont) <= m.n_ctx and len(ctx) >= min(first, m.n_ctx // 2)
+        first += len(cont)
+    assert first == len(whole)
+    r = evaluate.evaluate(m, "arc_easy", limit=2, progress=False)  # the pieces' sums go through evaluate
+    assert r["items"] == 2
+
+
 def test_command_line(tmp_path, tiny_gguf):
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "-m", "twofile", "eval", str(tiny_gguf[0]), "--task", "arc_easy", "lambada",

@@ -12,6 +12,8 @@
     twofile train --resume runs/d8
     twofile export runs/d8 -o d8.q8_0.gguf --type q8_0
     twofile eval d8.q8_0.gguf --text held_out.txt
+    twofile compress play.txt [-m MODEL.gguf]    # -> play.txt.tfz; the model as a lossless compressor
+    twofile decompress play.txt.tfz -o copy.txt
 """
 
 from __future__ import annotations
@@ -160,6 +162,63 @@ def serve_command(args) -> None:
     serve.serve(args.model, args.host, args.port, key, args.parallel, args.ctx_size, args.threads, args.max_queue)
 
 
+def _read_input(path: str) -> bytes:
+    return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+
+
+def _write_output(path: str, data: bytes) -> None:
+    """To stdout, or atomically to a file: an interrupted run never leaves half a file."""
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    partial = Path(path + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def compress_command(args) -> None:
+    import time
+
+    from twofile import compress
+
+    data = _read_input(args.file)
+    model = run.load(_model_path(args), threads=args.threads)
+    out = args.output or ("-" if args.file == "-" else args.file + ".tfz")
+    start = time.perf_counter()
+    archive = compress.compress(data, model, args.chunk, progress=True)
+    seconds = time.perf_counter() - start
+    _write_output(out, archive)
+    print(f"{args.file}: {len(data):,} -> {len(archive):,} bytes ({len(data) / max(len(archive), 1):.2f}x, "
+          f"{8 * len(archive) / max(len(data), 1):.3f} bits per byte) in {seconds:.1f} s "
+          f"({len(data) / 1e3 / seconds:.2f} KB/s) with {Path(model.path).name}", file=sys.stderr)
+
+
+def decompress_command(args) -> None:
+    import time
+
+    from twofile import compress
+
+    archive = _read_input(args.file)
+    name = "standard input" if args.file == "-" else args.file
+    header, _ = compress.read_header(archive, name)  # before loading a model: is it an archive at all?
+    model = run.load(_model_path(args), threads=args.threads)
+    if args.output:
+        out = args.output
+    elif args.file == "-":
+        out = "-"
+    elif args.file.endswith(".tfz"):
+        out = args.file[:-len(".tfz")]
+    else:
+        raise ValueError(f"{args.file} does not end in .tfz: say where to write with -o")
+    start = time.perf_counter()
+    data = compress.decompress(archive, model, progress=True, name=name)
+    seconds = time.perf_counter() - start
+    _write_output(out, data)
+    print(f"{name}: {len(archive):,} -> {len(data):,} bytes in {seconds:.1f} s "
+          f"({len(data) / 1e3 / seconds:.2f} KB/s), checksum verified", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twofile", description="The whole life of a language model.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=SEED, help="which items --limit draws (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     p.set_defaults(action=eval_command)
+
+    from twofile.compress import CHUNK  # light: numpy and run.py
+
+    p = commands.add_parser("compress", help="compress a file losslessly with a GGUF model and an arithmetic coder")
+    p.add_argument("file", help="the file to compress, - for standard input")
+    p.add_argument("-m", "--model", default=None,
+                   help=f"a .gguf file; decompressing needs the same one (default: {assets.DEFAULT_MODEL.name})")
+    p.add_argument("-o", "--output", default=None, help="the archive (default: FILE.tfz; standard output for -)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help=f"tokens per independent chunk, coded side by side (default: {CHUNK}, or the model's "
+                        "context minus one if shorter)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads; any count decompresses any archive (default: the cores available)")
+    p.set_defaults(action=compress_command)
+    p = commands.add_parser("decompress", help="restore a file from `twofile compress`, checked by its SHA-256")
+    p.add_argument("file", help="the .tfz archive, - for standard input")
+    p.add_argument("-m", "--model", default=None,
+                   help=f"the .gguf file that compressed it (default: {assets.DEFAULT_MODEL.name})")
+    p.add_argument("-o", "--output", default=None,
+                   help="where to write (default: FILE without .tfz; standard output for -)")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: the cores available)")
+    p.set_defaults(action=decompress_command)
 
     return parser
 

@@ -126,19 +126,23 @@ def split_tokens(model: run.Model, context: str, continuation: str) -> tuple[lis
     return context_ids, whole[len(context_ids):]
 
 
-def requests(model: run.Model, item: Item) -> list[tuple[list[int], list[int]]]:
-    """Each choice as (context, continuation) token ids; a context too long for the model
-    loses its first tokens, as in lm-evaluation-harness."""
-    pairs = []
+def requests(model: run.Model, item: Item) -> list[list[tuple[list[int], list[int]]]]:
+    """Each choice as (context, continuation) token ids: one pair, its context losing its first
+    tokens if too long for the model (as in lm-evaluation-harness); a continuation longer than
+    the model's context is scored in pieces, each after the half-context of tokens before it."""
+    choices = []
     for context, continuation in zip(item.contexts, item.choices):
         context_ids, continuation_ids = split_tokens(model, context, continuation)
         if not continuation_ids:
             raise ValueError(f"a choice adds no tokens to its context: {continuation!r}")
-        if len(continuation_ids) >= model.n_ctx:
-            raise ValueError(f"a choice of {len(continuation_ids)} tokens does not fit in the context of "
-                             f"{model.n_ctx} tokens")
-        pairs.append((context_ids[max(0, len(context_ids) + len(continuation_ids) - model.n_ctx):], continuation_ids))
-    return pairs
+        whole, first, pieces = context_ids + continuation_ids, len(context_ids), []
+        step = model.n_ctx - 1 if len(continuation_ids) < model.n_ctx else max(1, model.n_ctx // 2)
+        while first < len(whole):
+            end = min(len(whole), first + step)
+            pieces.append((whole[max(0, end - model.n_ctx):first], whole[first:end]))
+            first = end
+        choices.append(pieces)
+    return choices
 
 
 def _mean_and_error(hits) -> tuple[float, float]:
@@ -176,10 +180,22 @@ def evaluate(model: run.Model, task: str, shots: int = 0, limit: int | None = No
     items = subset(load(task, shots), limit, seed)
     start = time.perf_counter()
     scores, greedy, hits = [], [], 0
-    results = model.loglikelihoods(requests(model, item) for item in items)  # lazily: tokenized as scored
-    bar = tqdm(zip(items, results), total=len(items), desc=task, unit="item", disable=not progress, file=sys.stderr)
-    for item, choices in bar:
-        scores.append([float(logprobs.sum()) for logprobs, _ in choices])
+    pieces: list[list[int]] = []  # each item's choices' numbers of pieces
+
+    def groups():  # lazily: tokenized as scored
+        for item in items:
+            choices = requests(model, item)
+            pieces.append([len(c) for c in choices])
+            yield [pair for choice in choices for pair in choice]
+
+    bar = tqdm(zip(items, model.loglikelihoods(groups())), total=len(items), desc=task, unit="item",
+               disable=not progress, file=sys.stderr)
+    for i, (item, scored) in enumerate(bar):
+        choices, at = [], 0
+        for n in pieces[i]:  # a choice's pieces: the sum of their log-likelihoods, greedy if all are
+            choices.append((sum(float(lp.sum()) for lp, _ in scored[at:at + n]), all(g for _, g in scored[at:at + n])))
+            at += n
+        scores.append([score for score, _ in choices])
         greedy.append(choices[0][1])
         hits += greedy[-1] if task == "lambada" else int(np.argmax(scores[-1])) == item.gold
         bar.set_postfix_str(f"acc {hits / len(scores):.3f}", refresh=False)

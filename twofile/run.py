@@ -1372,12 +1372,14 @@ def _checked(model: Model, ids, start: int) -> list[int]:
     return ids
 
 
-def feed_many(sessions: Sequence[Session], token_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
+def feed_many(sessions: Sequence[Session], token_lists: Sequence[Sequence[int]],
+              all_logits: bool = False) -> list[np.ndarray]:
     """Feed token_lists[i] to sessions[i] (distinct sessions of one model): the next-token
     logits after each list. With numba, all of the tokens go through the kernels in one pass
     over the weights: what a server needs, decoding many conversations (one token each) and
     reading a new prompt (a chunk of it) at once, the weights read once per step rather than
-    once per conversation. Each session's logits are bit-identical to its own feed's."""
+    once per conversation. Each session's logits are bit-identical to its own feed's; with
+    all_logits, each session gets the logits after each of its tokens ([len(list), n_vocab])."""
     if len(sessions) != len(token_lists) or not sessions:
         raise ValueError(f"feed_many needs one list of tokens per session, not {len(token_lists)} for "
                          f"{len(sessions)}")
@@ -1386,18 +1388,21 @@ def feed_many(sessions: Sequence[Session], token_lists: Sequence[Sequence[int]])
         raise ValueError("feed_many needs distinct sessions of one model")
     token_lists = [s._check(ids) for s, ids in zip(sessions, token_lists)]
     if not model.use_numba:
-        return [s.feed(ids) for s, ids in zip(sessions, token_lists)]
+        return [s.feed(ids, all_logits) for s, ids in zip(sessions, token_lists)]
     caches, tokens, positions, wanted = [], [], [], []
     for s, ids in zip(sessions, token_lists):
         s._reserve(len(s.tokens) + len(ids))
         caches += [(s.k_cache, s.v_cache)] * len(ids)
         positions += range(len(s.tokens), len(s.tokens) + len(ids))
+        wanted += range(len(tokens), len(tokens) + len(ids)) if all_logits else [len(tokens) + len(ids) - 1]
         tokens += ids
-        wanted.append(len(tokens) - 1)
     logits = model._decode(caches, tokens, positions, wanted)
     for s, ids in zip(sessions, token_lists):
         s.tokens.extend(ids)
-    return list(logits)
+    if not all_logits:
+        return list(logits)
+    ends = np.cumsum([len(ids) for ids in token_lists])
+    return np.split(logits, ends[:-1])
 
 class Generation:
     """One call of Session.generate. Iterating yields the new text in pieces (whole UTF-8
