@@ -102,7 +102,7 @@ def test_choice_loglikelihoods_match_transformers(smollm2, hf_model, task):
     WinoGrande's different ones, LAMBADA's greedy word): each choice's log-likelihood within
     1e-3 of transformers on the same GGUF, and its greediness the same."""
     items = evaluate.load(task)[3:5]
-    groups = [evaluate.requests(smollm2, item) for item in items]
+    groups = [[pair for choice in evaluate.requests(smollm2, item) for pair in choice] for item in items]
     for group, result in zip(groups, smollm2.loglikelihoods(groups)):
         for (ctx, cont), (logprobs, greedy) in zip(group, result):
             with torch.no_grad():

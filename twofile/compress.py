@@ -29,7 +29,6 @@ import json
 import re
 import struct
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
