@@ -12,8 +12,8 @@ directions must compute bit-identical distributions: the model runs in exact ses
 compiled kernels, or numpy a token at a time without numba), whatever the thread count.
 
 Any bytes go in. Valid UTF-8 is tokenized as usual; bytes that are not UTF-8, and any text the
-tokenizer would not give back exactly, become the vocabulary's byte tokens, so the tokens'
-bytes are always the input's. The tokens are cut into independent chunks of `chunk` tokens,
+tokenizer would not give back exactly, become the vocabulary's byte tokens (or an escape where
+it has none), so the tokens always spell the input. The tokens are cut into independent chunks of `chunk` tokens,
 each coded after the model's start token, and all chunks run side by side: one pass of the
 model per step for every chunk (run.feed_many).
 
@@ -45,22 +45,35 @@ FULL, HALF, QUARTER = (1 << PRECISION) - 1, 1 << (PRECISION - 1), 1 << (PRECISIO
 
 
 # -- bytes <-> tokens ----------------------------------------------------------------
-def byte_tokens(tokenizer: run.Tokenizer) -> list[int]:
-    """The token of each byte value 0..255 (GPT-2 style byte characters, or SentencePiece's
-    <0xNN> pieces): what lets any bytes be coded."""
+HEX = "0123456789abcdef"
+
+
+def byte_tokens(tokenizer: run.Tokenizer) -> list[list[int]]:
+    """The tokens of each byte value 0..255: its byte token (GPT-2 style byte characters, or
+    SentencePiece's <0xNN> pieces); where the vocabulary has none (SmolLM2's lacks 21, bytes
+    UTF-8 never uses among them), the escape: the end-of-text token, which text never
+    tokenizes to (special tokens are not parsed), then the byte's two hex digits."""
     if tokenizer.model == "gpt2":
         ids = [tokenizer.token_to_id.get(tokenizer.byte_char[b]) for b in range(256)]
     else:
         ids = [tokenizer.byte_ids.get(b) for b in range(256)]
-    missing = [b for b, i in enumerate(ids) if i is None]
-    if missing:
-        raise ValueError(f"the vocabulary has no token for byte 0x{missing[0]:02X}, so it cannot code any "
-                         "bytes: use a model with byte tokens")
-    return ids
+    if None not in ids:
+        return [[i] for i in ids]
+    escape, digits = _escape(tokenizer)
+    return [[i] if i is not None else [escape, digits[b >> 4], digits[b & 15]] for b, i in enumerate(ids)]
+
+
+def _escape(tokenizer: run.Tokenizer) -> tuple[int, list[int]]:
+    digits = [tokenizer.token_to_id.get(c) for c in HEX]
+    if tokenizer.eos_id is None or None in digits or any(tokenizer.token_bytes(d) != c.encode()
+                                                         for d, c in zip(digits, HEX)):
+        raise ValueError("the vocabulary has neither a token for every byte nor an end-of-text token and hex "
+                         "digits to escape bytes with: it cannot code arbitrary bytes")
+    return tokenizer.eos_id, digits
 
 
 def tokenize(tokenizer: run.Tokenizer, data: bytes) -> list[int]:
-    """Tokens whose bytes, joined, are exactly data."""
+    """Tokens that spell exactly data (see spell)."""
     by_byte = byte_tokens(tokenizer)
     ids: list[int] = []
     # bytes that are not UTF-8 come out of the decoder as lone surrogates, one per byte
@@ -69,7 +82,7 @@ def tokenize(tokenizer: run.Tokenizer, data: bytes) -> list[int]:
         if not piece:
             continue
         if "\udc80" <= piece[0] <= "\udcff":
-            ids += [by_byte[b] for b in raw]
+            ids += [i for b in raw for i in by_byte[b]]
             continue
         got = tokenizer.encode(piece, add_bos=False, parse_special=False)
         joined = b"".join(tokenizer.token_bytes(i) for i in got)
@@ -77,11 +90,29 @@ def tokenize(tokenizer: run.Tokenizer, data: bytes) -> list[int]:
             # SentencePiece's space before the text: its first piece without the space
             rest = tokenizer.token_bytes(got[0])[1:]
             whole = tokenizer.token_to_id.get(rest.decode("utf-8", errors="replace"))
-            head = [whole] if whole is not None and tokenizer.token_bytes(whole) == rest else [by_byte[b] for b in rest]
+            head = ([whole] if whole is not None and tokenizer.token_bytes(whole) == rest
+                    else [i for b in rest for i in by_byte[b]])
             got = head + got[1:]
             joined = b"".join(tokenizer.token_bytes(i) for i in got)
-        ids += got if joined == raw else [by_byte[b] for b in raw]
+        ids += got if joined == raw else [i for b in raw for i in by_byte[b]]
     return ids
+
+
+def spell(tokenizer: run.Tokenizer, ids: list[int]) -> list[bytes]:
+    """The bytes each token stands for (an escape's three tokens: the byte, then nothing)."""
+    out, i = [], 0
+    escape = tokenizer.eos_id
+    while i < len(ids):
+        if ids[i] == escape:
+            digits = b"".join(tokenizer.token_bytes(t) for t in ids[i + 1:i + 3]).decode("latin-1")
+            if len(digits) != 2 or any(c not in HEX for c in digits):
+                raise ValueError("the archive is corrupted (a broken byte escape)")
+            out += [bytes([int(digits, 16)]), b"", b""]
+            i += 3
+        else:
+            out.append(tokenizer.token_bytes(ids[i]))
+            i += 1
+    return out
 
 
 # -- probabilities -> integer frequencies ------------------------------------------------
@@ -198,7 +229,7 @@ def compress(data: bytes, model: run.Model, chunk: int | None = None, progress: 
     sessions = [model.session(exact=True) for _ in chunks]
     encoders = [Encoder() for _ in chunks]
     start = _start_token(model)
-    sizes = [len(model.tokenizer.token_bytes(t)) for t in tokens]
+    sizes = [len(b) for b in spell(model.tokenizer, tokens)]
     bits, done = 0.0, 0
     bar = tqdm(total=len(data), unit="B", unit_scale=True, desc="compress", disable=not progress, file=sys.stderr)
     for first in range(0, max(map(len, chunks), default=0), STEP):
@@ -276,9 +307,9 @@ def decompress(archive: bytes, model: run.Model, progress: bool = False, name: s
             decoders[i].decode(int(cumulative[token] - counts[token]), int(counts[token]))
             chunks[i].append(token)
             last[i] = token
-            bar.update(len(model.tokenizer.token_bytes(token)))
+            bar.update(1 if token == model.tokenizer.eos_id else len(model.tokenizer.token_bytes(token)))
     bar.close()
-    data = b"".join(model.tokenizer.token_bytes(t) for c in chunks for t in c)
+    data = b"".join(spell(model.tokenizer, [t for c in chunks for t in c]))
     if len(data) != header["size"] or hashlib.sha256(data).hexdigest() != header["sha256"]:
         raise ValueError(f"{name}: the decompressed bytes fail the archive's checksum: it is corrupted, or this "
                          "machine computes the model differently from the one that compressed it (another CPU's "
