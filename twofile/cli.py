@@ -177,6 +177,13 @@ def _write_output(path: str, data: bytes) -> None:
     os.replace(partial, path)
 
 
+def _unused(path: str) -> str:
+    """A default output name, refused if the file is there: only -o overwrites."""
+    if os.path.exists(path):
+        raise ValueError(f"{path} exists: remove it, or name the output with -o")
+    return path
+
+
 def compress_command(args) -> None:
     import time
 
@@ -184,7 +191,7 @@ def compress_command(args) -> None:
 
     data = _read_input(args.file)
     model = run.load(_model_path(args), threads=args.threads)
-    out = args.output or ("-" if args.file == "-" else args.file + ".tfz")
+    out = args.output or ("-" if args.file == "-" else _unused(args.file + ".tfz"))
     start = time.perf_counter()
     archive = compress.compress(data, model, args.chunk, progress=True)
     seconds = time.perf_counter() - start
@@ -208,7 +215,7 @@ def decompress_command(args) -> None:
     elif args.file == "-":
         out = "-"
     elif args.file.endswith(".tfz"):
-        out = args.file[:-len(".tfz")]
+        out = _unused(args.file[:-len(".tfz")])
     else:
         raise ValueError(f"{args.file} does not end in .tfz: say where to write with -o")
     start = time.perf_counter()

@@ -127,15 +127,19 @@ def frequencies(logits: np.ndarray) -> np.ndarray:
 
 
 # -- the arithmetic coder (Witten, Neal and Cleary's, in integers) ------------------------
+def _narrow(low: int, high: int, start: int, size: int) -> tuple[int, int]:
+    """The interval [low, high] narrowed to the symbol [start, start + size) of TOTAL."""
+    span = high - low + 1
+    return low + span * start // TOTAL, low + span * (start + size) // TOTAL - 1
+
+
 class Encoder:
     def __init__(self):
         self.low, self.high, self.pending, self.bits = 0, FULL, 0, []
 
     def encode(self, start: int, size: int) -> None:
         """Narrow the interval to the symbol [start, start + size) of TOTAL."""
-        span = self.high - self.low + 1
-        self.high = self.low + span * (start + size) // TOTAL - 1
-        self.low = self.low + span * start // TOTAL
+        self.low, self.high = _narrow(self.low, self.high, start, size)
         while True:
             if self.high < HALF:
                 self._emit(0)
@@ -181,9 +185,7 @@ class Decoder:
         return t
 
     def decode(self, start: int, size: int) -> None:
-        span = self.high - self.low + 1
-        self.high = self.low + span * (start + size) // TOTAL - 1
-        self.low = self.low + span * start // TOTAL
+        self.low, self.high = _narrow(self.low, self.high, start, size)
         while True:
             if self.high < HALF:
                 pass
