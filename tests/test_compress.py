@@ -51,6 +51,40 @@ def test_any_thread_count_decompresses(tiny_gguf):
     assert compress.decompress(archive, run.load(tiny_gguf[0], threads=1)) == data
 
 
+def test_chunks_grouped_differently_decompress(tiny, monkeypatch):
+    """More chunks than STREAMS: they run a few at a time, finished ones replaced by the next;
+    compressing 3 at a time and decompressing 2 at a time (other company in every pass) gives
+    the bytes back, the same archive as all of them at once."""
+    data = INPUTS["english"] + INPUTS["unicode"]
+    whole = compress.compress(data, tiny, chunk=9)
+    assert len(compress.read_header(whole)[0]["codes"]) > 5
+    monkeypatch.setattr(compress, "STREAMS", 3)
+    archive = compress.compress(data, tiny, chunk=9)
+    assert archive == whole
+    monkeypatch.setattr(compress, "STREAMS", 2)
+    assert compress.decompress(archive, tiny) == data
+
+
+@pytest.mark.parametrize("kind", ["normal", "peaked", "flat", "tiny vocab", "not finite"])
+def test_frequencies_sum_to_the_total_and_none_is_zero(kind):
+    """Integer counts: each at least 1, summing exactly to TOTAL; each is 1 plus its share of
+    the rest (TOTAL minus one per token) to within a count; the likeliest takes the remainder."""
+    rng = np.random.default_rng(1)
+    logits = {"normal": rng.normal(0, 3, 49152), "peaked": np.r_[60.0, rng.normal(-20, 1, 5000)],
+              "flat": np.zeros(49152), "tiny vocab": np.array([0.5, -1.0]),
+              "not finite": np.r_[np.nan, np.inf, 1.0, 2.0]}[kind].astype(np.float32)
+    counts = compress.frequencies(logits)
+    assert counts.sum() == compress.TOTAL and counts.min() >= 1
+    finite = np.isfinite(logits).all()
+    x = logits.astype(np.float64) if finite else np.zeros(len(logits))
+    share = np.exp(x - x.max()) / np.exp(x - x.max()).sum() * (compress.TOTAL - len(x)) + 1
+    top = int(np.argmax(x))
+    others = np.delete(np.arange(len(x)), top)
+    assert np.all(np.abs(counts[others] - share[others]) <= 1.0 + 1e-6 * share[others])
+    assert abs(counts[top] - share[top]) <= len(x) + 1e-5 * compress.TOTAL
+    assert np.array_equal(compress.frequencies(logits.copy()), counts)
+
+
 def test_the_archive_is_the_models_cross_entropy(tiny_gguf):
     """The codes' bits within 0.5% of the cross-entropy transformers computes for the same
     tokens (each chunk after the start token), plus at most 2 bytes per chunk to end a code."""
@@ -69,8 +103,9 @@ def test_the_archive_is_the_models_cross_entropy(tiny_gguf):
             logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
         bits -= float(logp[range(len(ids) - 1), ids[1:]].sum()) / np.log(2)
     coded = 8 * (len(archive) - begin)
-    assert header["tokens"] == [len(tokens[i:i + chunk]) for i in range(0, len(tokens), chunk)]
-    assert bits * 0.995 <= coded <= bits * 1.005 + 16 * len(header["tokens"]), (coded, bits)
+    assert header["tokens"] == len(tokens)
+    assert compress.chunk_lengths(len(tokens), chunk) == [len(tokens[i:i + chunk]) for i in range(0, len(tokens), chunk)]
+    assert bits * 0.995 <= coded <= bits * 1.005 + 16 * len(header["codes"]), (coded, bits)
 
 
 @pytest.mark.parametrize("vocab", ["gpt-2", "llama-spm", "llama-bpe", "qwen2", "gpt-neox"])  # neox: 13 bytes escaped

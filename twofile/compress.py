@@ -14,12 +14,12 @@ compiled kernels, or numpy a token at a time without numba), whatever the thread
 Any bytes go in. Valid UTF-8 is tokenized as usual; bytes that are not UTF-8, and any text the
 tokenizer would not give back exactly, become the vocabulary's byte tokens (or an escape where
 it has none), so the tokens always spell the input. The tokens are cut into independent chunks of `chunk` tokens,
-each coded after the model's start token, and all chunks run side by side: one pass of the
-model per step for every chunk (run.feed_many).
+each coded after the model's start token, and up to STREAMS chunks run side by side: one pass
+of the model per step for all of them (run.feed_many).
 
 An archive: MAGIC, the header's length (4 bytes, little-endian) and the header (JSON: format
 version, the model's name and SHA-256, the kernel path, the chunk length, the original's size
-and SHA-256, each chunk's token count and code length), then the chunks' codes.
+and SHA-256, its token count, each chunk's code length), then the chunks' codes.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ import numpy as np
 from twofile import run
 
 MAGIC = b"\x89TFZ\r\n"
-FORMAT = 1
+FORMAT = 2
 CHUNK = 1024         # tokens per independent chunk (see bench/compress.py for the trade-off)
 STEP = 16            # tokens of each chunk per pass when compressing
+STREAMS = 16         # chunks run side by side: one pass over the weights per step for all
+                     # (throughput stops growing here on 2 cores: the kernels are compute-bound)
 TOTAL = 1 << 24      # the coder's frequencies sum to this; every token gets at least 1
 PRECISION = 32       # bits of the coder's registers
 FULL, HALF, QUARTER = (1 << PRECISION) - 1, 1 << (PRECISION - 1), 1 << (PRECISION - 2)
@@ -117,12 +119,16 @@ def spell(tokenizer: run.Tokenizer, ids: list[int]) -> list[bytes]:
 
 # -- probabilities -> integer frequencies ------------------------------------------------
 def frequencies(logits: np.ndarray) -> np.ndarray:
-    """One position's float32 logits -> int64 counts summing to TOTAL, each at least 1 (no
-    token is ever impossible). Deterministic: the same logits give the same counts."""
-    x = logits.astype(np.float64)
-    p = np.exp(x - x.max())
-    counts = np.floor(p * ((TOTAL - len(p)) / p.sum())).astype(np.int64) + 1
-    counts[int(np.argmax(logits))] += TOTAL - int(counts.sum())  # the rounding's remainder to the likeliest
+    """One position's float32 logits -> int32 counts summing to TOTAL, each at least 1 (no
+    token is ever impossible). Deterministic: the same logits give the same counts. The scale
+    is a hair under the budget so that rounding never overshoots it; what is left goes to the
+    likeliest token. Logits that are not all finite (a broken model) code as uniform."""
+    if not np.isfinite(logits).all():
+        logits = np.zeros_like(logits)
+    p = np.exp(logits - logits.max())
+    scale = (TOTAL - len(p)) * (1 - 2.0 ** -20) / p.sum(dtype=np.float64)
+    counts = (p * np.float32(scale)).astype(np.int32) + 1
+    counts[int(np.argmax(logits))] += TOTAL - int(counts.sum(dtype=np.int64))
     return counts
 
 
@@ -218,6 +224,23 @@ def _kernels(model: run.Model) -> str:
     return "numba" if model.use_numba else "numpy"
 
 
+def _streams(model: run.Model, lengths: list[int], fed: list[int]):
+    """The chunks to run next, as {chunk index: its session}: up to STREAMS at once (each
+    holds a KV cache of its chunk's length: about 47 MB for 1,024 tokens of the default
+    model), a finished chunk (fed[i] == lengths[i], counted by the caller) replaced by the
+    next. A chunk's numbers do not depend on its company (exact sessions), so compressing
+    and decompressing may group the chunks differently."""
+    waiting = [i for i in reversed(range(len(lengths))) if lengths[i]]
+    live = {}
+    while True:
+        live = {i: s for i, s in live.items() if fed[i] < lengths[i]}
+        while waiting and len(live) < STREAMS:
+            live[waiting.pop()] = model.session(exact=True)
+        if not live:
+            return
+        yield live
+
+
 def compress(data: bytes, model: run.Model, chunk: int | None = None, progress: bool = False) -> bytes:
     """data -> an archive that decompress() with the same model file turns back into data.
     chunk: tokens per chunk (None: CHUNK, or the model's context minus one if shorter)."""
@@ -228,31 +251,38 @@ def compress(data: bytes, model: run.Model, chunk: int | None = None, progress: 
         raise ValueError(f"--chunk {chunk} must be between 1 and the model's context minus one ({model.n_ctx - 1})")
     tokens = tokenize(model.tokenizer, data)
     chunks = [tokens[i:i + chunk] for i in range(0, len(tokens), chunk)]
-    sessions = [model.session(exact=True) for _ in chunks]
     encoders = [Encoder() for _ in chunks]
     start = _start_token(model)
     sizes = [len(b) for b in spell(model.tokenizer, tokens)]
+    fed = [0] * len(chunks)  # tokens of each chunk coded so far
     bits, done = 0.0, 0
     bar = tqdm(total=len(data), unit="B", unit_scale=True, desc="compress", disable=not progress, file=sys.stderr)
-    for first in range(0, max(map(len, chunks), default=0), STEP):
-        live = [i for i, c in enumerate(chunks) if first < len(c)]
-        inputs = [([start] + chunks[i])[first:first + STEP][:len(chunks[i]) - first] for i in live]
-        for i, rows in zip(live, run.feed_many([sessions[i] for i in live], inputs, all_logits=True)):
-            for token, logits in zip(chunks[i][first:first + STEP], rows):
+    for live in _streams(model, [len(c) for c in chunks], fed):
+        inputs = [([start] + chunks[i])[fed[i]:fed[i] + STEP][:len(chunks[i]) - fed[i]] for i in live]
+        for i, rows in zip(live, run.feed_many(list(live.values()), inputs, all_logits=True)):
+            for token, logits in zip(chunks[i][fed[i]:fed[i] + STEP], rows):
                 counts = frequencies(logits)
                 encoders[i].encode(int(counts[:token].sum()), int(counts[token]))
                 bits -= np.log2(counts[token] / TOTAL)
-            done += sum(sizes[i * chunk + first:i * chunk + min(first + STEP, len(chunks[i]))])
+            done += sum(sizes[i * chunk + fed[i]:i * chunk + fed[i] + len(rows)])
+            fed[i] += len(rows)
         bar.update(done - bar.n)
         bar.set_postfix_str(f"{bits / max(done, 1):.3f} bits/byte", refresh=False)
     bar.close()
     codes = [e.finish() for e in encoders]
     header = {"format": FORMAT, "model": Path(model.path).name, "model_sha256": model_sha256(model),
               "kernels": _kernels(model), "chunk": chunk, "size": len(data),
-              "sha256": hashlib.sha256(data).hexdigest(), "tokens": [len(c) for c in chunks],
+              "sha256": hashlib.sha256(data).hexdigest(), "tokens": len(tokens),
               "codes": [len(c) for c in codes]}
     head = json.dumps(header, separators=(",", ":")).encode()
     return MAGIC + struct.pack("<I", len(head)) + head + b"".join(codes)
+
+
+def chunk_lengths(tokens: int, chunk: int) -> list[int]:
+    """The token counts of the chunks that `tokens` tokens are cut into."""
+    if chunk < 1:
+        raise ValueError(f"a chunk of {chunk} tokens")
+    return [chunk] * (tokens // chunk) + [tokens % chunk] * (tokens % chunk > 0)
 
 
 def read_header(archive: bytes, name: str = "archive") -> tuple[dict, int]:
@@ -268,6 +298,10 @@ def read_header(archive: bytes, name: str = "archive") -> tuple[dict, int]:
         header = json.loads(archive[len(MAGIC) + 4:begin])
         keys = ("format", "model", "model_sha256", "kernels", "chunk", "size", "sha256", "tokens", "codes")
         if not isinstance(header, dict) or any(k not in header for k in keys):
+            raise ValueError
+        if (not all(isinstance(header[k], int) and header[k] >= 0 for k in ("chunk", "size", "tokens"))
+                or not isinstance(header["codes"], list) or not all(isinstance(n, int) and n >= 0 for n in header["codes"])
+                or len(header["codes"]) != len(chunk_lengths(header["tokens"], header["chunk"]))):
             raise ValueError
     except ValueError:
         raise ValueError(f"{name} is corrupted or truncated (its header does not read)") from None
@@ -292,23 +326,19 @@ def decompress(archive: bytes, model: run.Model, progress: bool = False, name: s
                          "the probabilities would differ (install numba, or set RUN_PY_NUMBA as when compressing)")
     ends = np.cumsum([begin] + header["codes"])
     decoders = [Decoder(archive[a:b]) for a, b in zip(ends, ends[1:])]
-    counts_left = list(header["tokens"])
     chunks: list[list[int]] = [[] for _ in decoders]
-    sessions = [model.session(exact=True) for _ in decoders]
     last = [_start_token(model)] * len(decoders)
+    fed = [0] * len(decoders)
     bar = tqdm(total=header["size"], unit="B", unit_scale=True, desc="decompress", disable=not progress,
                file=sys.stderr)
-    while True:
-        live = [i for i in range(len(decoders)) if len(chunks[i]) < counts_left[i]]
-        if not live:
-            break
-        for i, logits in zip(live, run.feed_many([sessions[i] for i in live], [[last[i]] for i in live])):
+    for live in _streams(model, chunk_lengths(header["tokens"], header["chunk"]), fed):
+        for i, logits in zip(live, run.feed_many(list(live.values()), [[last[i]] for i in live])):
             counts = frequencies(logits)
             cumulative = np.cumsum(counts)
             token = int(np.searchsorted(cumulative, decoders[i].target(), side="right"))
             decoders[i].decode(int(cumulative[token] - counts[token]), int(counts[token]))
             chunks[i].append(token)
-            last[i] = token
+            last[i], fed[i] = token, fed[i] + 1
             bar.update(1 if token == model.tokenizer.eos_id else len(model.tokenizer.token_bytes(token)))
     bar.close()
     data = b"".join(spell(model.tokenizer, [t for c in chunks for t in c]))
