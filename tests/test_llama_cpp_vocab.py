@@ -28,6 +28,13 @@ SUPPORTED = {
     "starcoder": 46,    # gpt2, pre starcoder (digits one by one, then the GPT-2 split)
     "llama-spm": 46,    # llama (SentencePiece, Llama 2)
     "phi-3": 46,        # llama (SentencePiece)
+    "command-r": 46,    # gpt2, pre command-r (as starcoder)
+    "deepseek-coder": 46,  # gpt2, pre deepseek-coder (newlines, letters, punctuation, CJK, digits in turn)
+    "deepseek-llm": 46,    # gpt2, pre deepseek-llm (its own letter and punctuation lists)
+    "falcon": 46,       # gpt2, pre falcon (punctuation runs first, then GPT-2, then 3 digits)
+    "mpt": 46,          # gpt2, pre mpt (the GPT-2 split)
+    "qwen35": 50,       # gpt2, pre qwen35 (as qwen2, letters with their combining marks)
+    "refact": 46,       # gpt2, pre refact (as starcoder)
     "aquila": 0,        # gpt2 without tokenizer.ggml.pre (llama.cpp's "default"); no vectors shipped
     "gpt-neox": 0,      # gpt2 without tokenizer.ggml.pre (llama.cpp's "default"); no vectors shipped
     "baichuan": 0,      # llama (SentencePiece); no vectors shipped
@@ -37,13 +44,6 @@ NOT_SUPPORTED = {
     "bert-bge": "tokenizer.ggml.model = 'bert'",          # WordPiece
     "nomic-bert-moe": "tokenizer.ggml.model = 't5'",      # Unigram
     "gemma-4": "tokenizer.ggml.model = 'gemma4'",         # BPE over raw UTF-8 with U+2581 spaces
-    "command-r": "tokenizer.ggml.pre = 'command-r'",
-    "deepseek-coder": "tokenizer.ggml.pre = 'deepseek-coder'",
-    "deepseek-llm": "tokenizer.ggml.pre = 'deepseek-llm'",
-    "falcon": "tokenizer.ggml.pre = 'falcon'",
-    "mpt": "tokenizer.ggml.pre = 'mpt'",
-    "qwen35": "tokenizer.ggml.pre = 'qwen35'",
-    "refact": "tokenizer.ggml.pre = 'refact'",
 }
 
 

@@ -798,13 +798,14 @@ _WS = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
 def _category_class(major: str) -> str:
-    """A regex character class body for one Unicode major category (L letters, N numbers,
-    P punctuation); Python's re has no \\p{L}, so the class is built from unicodedata once per
-    process. Its Unicode version is Python's (14.0 in 3.11, 15.1 in 3.13); llama.cpp's tables
-    are Unicode 15.1, so characters assigned in between can split differently."""
+    """A regex character class body for one Unicode major category (L letters, M marks, N
+    numbers, P punctuation); Python's re has no \\p{L}, so the class is built from unicodedata
+    once per process. Its Unicode version is Python's (14.0 in 3.11, 15.1 in 3.13); llama.cpp's
+    tables are Unicode 15.1, so characters assigned in between can split differently."""
     parts, start = [], None
-    for c in range(0x32400):  # nothing above this is a letter, a number or punctuation
-        inside = unicodedata.category(chr(c))[0] == major
+    top = 0xE01F0 if major == "M" else 0x32400  # past these, only variation selectors (marks)
+    for c in range(top + 1):
+        inside = c < top and unicodedata.category(chr(c))[0] == major
         if inside and start is None:
             start = c
         elif not inside and start is not None:
@@ -823,13 +824,39 @@ _DIGIT = r"[{N}]"
 # punctuation are split off first (so no contraction ever forms), then the GPT-2 split, runs
 # of numbers, and runs of three ASCII digits
 _DEFAULT_SPLITS = [r"[{P}$+<=>^~|]+", _GPT2_SPLIT, r"[{N}]+", r"[0-9][0-9][0-9]"]
+_QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}{M}]+|[{N}]"
+                 r"| ?[^{S}{L}{M}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"  # Han, the blocks from Samaritan up to Han, Hangul
+# DeepSeek LLM's letters: the cased letters of Latin, Greek, Cyrillic, Armenian, Georgian,
+# Cherokee, Glagolitic, Coptic, Deseret, Osage, Old Hungarian, Warang Citi, Adlam and fullwidth
+# Latin, as its tokenizer.json lists them
+_DEEPSEEK_LETTERS = ("A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293"
+                     "\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a"
+                     "\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556"
+                     "\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b"
+                     "\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d"
+                     "\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe"
+                     "\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4"
+                     "\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128"
+                     "\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184"
+                     "\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b"
+                     "\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17"
+                     "\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+                     "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
+                     "\U0001e900-\U0001e943")
 # tokenizer.ggml.pre -> the regexes applied in turn (each splits the pieces of the last),
 # as llama.cpp's llama-vocab.cpp and the models' own tokenizer.json define them.
 PRE_TOKENIZERS = {
-    "default": _DEFAULT_SPLITS, "gpt-2": [_GPT2_SPLIT], "gpt2": [_GPT2_SPLIT],
+    "default": _DEFAULT_SPLITS, "gpt-2": [_GPT2_SPLIT], "gpt2": [_GPT2_SPLIT], "mpt": [_GPT2_SPLIT],
     "llama-bpe": [_LLAMA3_SPLIT], "llama3": [_LLAMA3_SPLIT],
-    "smollm": [_DIGIT, _GPT2_SPLIT], "starcoder": [_DIGIT, _GPT2_SPLIT],
-    "qwen2": [_QWEN2_SPLIT],
+    "smollm": [_DIGIT, _GPT2_SPLIT], "starcoder": [_DIGIT, _GPT2_SPLIT], "refact": [_DIGIT, _GPT2_SPLIT],
+    "command-r": [_DIGIT, _GPT2_SPLIT],
+    "qwen2": [_QWEN2_SPLIT], "qwen35": [_QWEN35_SPLIT],
+    "falcon": [r"[{P}$+<=>^~|`]+", _GPT2_SPLIT, r"[0-9][0-9][0-9]"],
+    "deepseek-llm": ["[\r\n]", "[{S}]?[" + _DEEPSEEK_LETTERS + "]+",
+                     "[{S}]?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+                     r"[{S}]+\Z", _CJK, r"[{N}]+"],
+    "deepseek-coder": ["[\r\n]", r"[{S}]?[{L}]+", r"[{S}]?[{P}]+", _CJK, _DIGIT],
 }
 # Llama 3's pre-tokenizers (llama.cpp's LLAMA3 type): a word that is itself a token is emitted
 # whole, without BPE (its tokenizer.json's "ignore_merges": its merges alone may split such a
@@ -840,7 +867,8 @@ _compiled_splits: dict[str, list[re.Pattern]] = {}
 
 def _split_patterns(pre: str) -> list[re.Pattern]:
     if pre not in _compiled_splits:
-        classes = {c: _category_class(c) for c in "LNP"} | {"S": _WS}
+        used = {c for p in PRE_TOKENIZERS[pre] for c in "LMNP" if "{" + c + "}" in p}
+        classes = {c: _category_class(c) if c in used else "" for c in "LMNP"} | {"S": _WS}
         _compiled_splits[pre] = [re.compile(p.format(**classes)) for p in PRE_TOKENIZERS[pre]]
     return _compiled_splits[pre]
 
