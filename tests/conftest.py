@@ -159,15 +159,22 @@ def encode_tensor(w: np.ndarray, qtype, rng) -> tuple[np.ndarray, np.ndarray]:
     return data, gguf.quants.dequantize(data, qtype).reshape(w.shape)
 
 
-def tiny_llama(tie: bool, n_head=4, n_head_kv=2, hidden=64, ff=96, layers=2, vocab=320, seed=0, ctx=128):
+def tiny_llama(tie: bool, n_head=4, n_head_kv=2, hidden=64, ff=96, layers=2, vocab=320, seed=0, ctx=128,
+               arch="llama", head_dim=None):
+    """A tiny random transformers model of a family run.py runs: llama, mistral (its files are
+    `llama`), qwen2 (q, k, v biases) or qwen3 (query and key norms; head_dim may differ from
+    hidden / n_head)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
-                         num_attention_heads=n_head, num_key_value_heads=n_head_kv, max_position_embeddings=ctx,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie)
-    model = LlamaForCausalLM(config).float().eval()
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    extra = {"head_dim": head_dim} if head_dim else {}
+    config = getattr(transformers, name + "Config")(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
+        num_attention_heads=n_head, num_key_value_heads=n_head_kv, max_position_embeddings=ctx,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie, **extra)
+    model = getattr(transformers, name + "ForCausalLM")(config).float().eval()
     with torch.no_grad():  # larger than the default init, so that mistakes show in the logits
         for p in model.parameters():
             p.normal_(0, 0.2 if p.dim() > 1 else 1.0)
@@ -176,26 +183,36 @@ def tiny_llama(tie: bool, n_head=4, n_head_kv=2, hidden=64, ff=96, layers=2, voc
     return model
 
 
+# transformers' model_type -> general.architecture, as llama.cpp's converter writes it
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
 def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: dict | None = None):
-    """Write a transformers LlamaForCausalLM as a GGUF `llama` file with the gguf package,
-    as llama.cpp's converter does (Q/K permutation, tied embeddings, F32 norms). Weights are
-    stored as qtype (default F32); the model's own weights are then replaced by what the
-    file really holds (dequantized by gguf.quants), so it is the exact oracle for the file."""
+    """Write a transformers model of a GGUF_ARCH family as a GGUF file with the gguf package,
+    as llama.cpp's converter does (Q/K permutation for `llama`, tied embeddings, F32 norms and
+    biases). Weights are stored as qtype (default F32); the model's own weights are then
+    replaced by what the file really holds (dequantized by gguf.quants), so it is the exact
+    oracle for the file."""
     import torch
 
     Q = gguf.GGMLQuantizationType
     qtype = Q.F32 if qtype is None else qtype
     c = model.config
+    arch = GGUF_ARCH[c.model_type]
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     rng = np.random.default_rng(1)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny test llama")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny test {c.model_type}")
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    if head_dim != c.hidden_size // c.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
@@ -207,7 +224,8 @@ def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: d
              "lm_head.weight": "output.weight"}
     per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     state = model.state_dict()
     with torch.no_grad():
         for name, tensor in state.items():
@@ -215,15 +233,16 @@ def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: d
                 continue
             if name.startswith("model.layers."):
                 i, rest = name[len("model.layers."):].split(".", 1)
-                out = f"blk.{i}.{per_layer[rest.rsplit('.', 1)[0]]}.weight"
+                module, kind = rest.rsplit(".", 1)
+                out = f"blk.{i}.{per_layer[module]}.{kind}"
             else:
                 out = names[name]
             w = tensor.numpy().astype(np.float32)
-            n_perm = (c.num_attention_heads if "q_proj" in name else
-                      c.num_key_value_heads if "k_proj" in name else None)
+            n_perm = (None if arch != "llama" or w.ndim == 1 else c.num_attention_heads if "q_proj" in name
+                      else c.num_key_value_heads if "k_proj" in name else None)
             if n_perm:
                 w = permute_qk(w, n_perm)
-            if w.ndim == 1:  # norms stay F32, as in llama.cpp
+            if w.ndim == 1:  # norms and biases stay F32, as in llama.cpp
                 writer.add_tensor(out, w)
                 continue
             data, real = encode_tensor(w, qtype, rng)

@@ -1,4 +1,4 @@
-"""run.py: run a GGUF language model (Llama family) with numpy alone, fast with numba.
+"""run.py: run a GGUF language model (Llama, Mistral, Qwen 2/2.5/3) with numpy alone, fast with numba.
 
 This is the second of the two files: copy it next to a .gguf and run
 
@@ -421,42 +421,52 @@ class Config:
     rope_dims: int        # RoPE rotates the first rope_dims dimensions of each head
     rope_scale: float     # linear RoPE scaling: positions are divided by this
     norm_eps: float
+    arch: str = "llama"
+    rope_neox: bool = False  # RoPE on pairs (i, i + rope_dims/2), not (2i, 2i+1): see Model._rope
+
+
+# general.architecture -> whether its RoPE pairs dimension i with i + rope_dims/2 (llama.cpp's
+# NEOX type; its converters permute the query and key rows of `llama` files only). Qwen 2 adds
+# biases to the query, key and value projections, Qwen 3 normalizes each query and key head
+# (both are found by their tensors); Mistral's files are `llama`.
+ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True}
 
 
 def _config(gguf: GGUFFile) -> Config:
-    """The llama.* keys, checked."""
+    """The ARCH.* keys, checked."""
     meta, path = gguf.metadata, gguf.path
     # every value is checked for its type before use: a crafted file can put an array anywhere
     arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or arch != "llama":
-        raise GGUFError(f"{path}: architecture {arch!r:.40} is not supported (run.py runs 'llama')")
-    experts = meta.get("llama.expert_count", 0)
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise GGUFError(f"{path}: architecture {arch!r:.40} is not supported (run.py runs "
+                        f"{', '.join(ARCHITECTURES)})")
+    experts = meta.get(f"{arch}.expert_count", 0)
     if not isinstance(experts, int) or experts != 0:
-        raise GGUFError(f"{path}: llama.expert_count = {experts!r:.40}: mixture-of-experts models are not supported")
+        raise GGUFError(f"{path}: {arch}.expert_count = {experts!r:.40}: mixture-of-experts models are not supported")
 
     def get(key, kind=int, default=None):
-        value = meta.get("llama." + key, default)
+        value = meta.get(f"{arch}.{key}", default)
         if value is None:
-            raise GGUFError(f"{path}: metadata llama.{key} is missing")
+            raise GGUFError(f"{path}: metadata {arch}.{key} is missing")
         if kind is int and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 31):
-            raise GGUFError(f"{path}: metadata llama.{key} = {value!r:.40} is not a positive integer")
+            raise GGUFError(f"{path}: metadata {arch}.{key} = {value!r:.40} is not a positive integer")
         if kind is float and (not isinstance(value, (int, float)) or not 0 < value < 1e30):
-            raise GGUFError(f"{path}: metadata llama.{key} = {value!r:.40} is not a positive number")
+            raise GGUFError(f"{path}: metadata {arch}.{key} = {value!r:.40} is not a positive number")
         return kind(value)
 
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
     n_head_kv = get("attention.head_count_kv", default=n_head)
     head_dim = get("attention.key_length", default=n_embd // n_head if n_embd % n_head == 0 else None)
     if get("attention.value_length", default=head_dim) != head_dim:
-        raise GGUFError(f"{path}: llama.attention.value_length differs from key_length (not supported)")
+        raise GGUFError(f"{path}: {arch}.attention.value_length differs from key_length (not supported)")
     if n_head % n_head_kv:
         raise GGUFError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
     rope_dims = get("rope.dimension_count", default=head_dim)
     if rope_dims > head_dim or rope_dims % 2:
-        raise GGUFError(f"{path}: llama.rope.dimension_count = {rope_dims} does not fit head size {head_dim}")
-    scaling = meta.get("llama.rope.scaling.type", "none")
+        raise GGUFError(f"{path}: {arch}.rope.dimension_count = {rope_dims} does not fit head size {head_dim}")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if not isinstance(scaling, str) or scaling not in ("none", "linear"):
-        raise GGUFError(f"{path}: llama.rope.scaling.type = {scaling!r:.40} is not supported (none, linear)")
+        raise GGUFError(f"{path}: {arch}.rope.scaling.type = {scaling!r:.40} is not supported (none, linear)")
     rope_scale = get("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0
     tokens = meta.get("tokenizer.ggml.tokens")
     return Config(
@@ -464,7 +474,8 @@ def _config(gguf: GGUFFile) -> Config:
         n_layer=get("block_count"), n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
         n_ff=get("feed_forward_length"), n_ctx=get("context_length"),
         rope_theta=get("rope.freq_base", float, 10000.0), rope_dims=rope_dims,
-        rope_scale=rope_scale or 1.0, norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-5))
+        rope_scale=rope_scale or 1.0, norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-5),
+        arch=arch, rope_neox=ARCHITECTURES[arch])
 
 
 def rms_norm(x, weight, eps):
@@ -501,6 +512,9 @@ class Layer:
     w_gate: TensorInfo
     w_up: TensorInfo
     w_down: TensorInfo
+    qkv_bias: np.ndarray | None = None  # Qwen 2: the q, k and v projections' biases, one vector
+    q_norm: np.ndarray | None = None    # Qwen 3: RMSNorm weights of each query head and key head
+    k_norm: np.ndarray | None = None
 
 
 PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
@@ -510,7 +524,7 @@ SCORE_BATCH = 2048  # tokens per pass when scoring: the weights' unpacking share
 
 
 class Model:
-    """A GGUF Llama model: its weights (memory-mapped, in their file types), tokenizer and
+    """A GGUF model (see ARCHITECTURES): its weights (memory-mapped, in their file types), tokenizer and
     config. Read-only once loaded: one Model serves any number of Sessions, from any threads."""
 
     def __init__(self, gguf: GGUFFile, n_ctx: int | None = None, threads: int | None = None):
@@ -518,7 +532,7 @@ class Model:
         self.config = c = _config(gguf)
         self.tokenizer = Tokenizer(gguf.metadata, gguf.path)
         if len(self.tokenizer.tokens) != c.n_vocab:  # every id the model emits must be a token
-            raise GGUFError(f"{self.path}: llama.vocab_size is {c.n_vocab} but tokenizer.ggml.tokens has "
+            raise GGUFError(f"{self.path}: {c.arch}.vocab_size is {c.n_vocab} but tokenizer.ggml.tokens has "
                             f"{len(self.tokenizer.tokens)} tokens")
         self.n_ctx = min(n_ctx or c.n_ctx, c.n_ctx)
         q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
@@ -542,6 +556,7 @@ class Model:
                        if "output.weight" in gguf.tensors else self.token_embd)
         self.output_norm = tensor("output_norm.weight", (c.n_embd,), matrix=False)
         self.layers = []
+        qk_norm = "blk.0.attn_q_norm.weight" in gguf.tensors
         for i in range(c.n_layer):
             p = f"blk.{i}."
             self.layers.append(Layer(
@@ -553,7 +568,12 @@ class Model:
                 ffn_norm=tensor(p + "ffn_norm.weight", (c.n_embd,), False),
                 w_gate=tensor(p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
                 w_up=tensor(p + "ffn_up.weight", (c.n_ff, c.n_embd)),
-                w_down=tensor(p + "ffn_down.weight", (c.n_embd, c.n_ff))))
+                w_down=tensor(p + "ffn_down.weight", (c.n_embd, c.n_ff)),
+                qkv_bias=(np.concatenate([tensor(p + f"attn_{x}.bias", (n,), False)
+                                          for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))])
+                          if p + "attn_q.bias" in gguf.tensors else None),
+                q_norm=tensor(p + "attn_q_norm.weight", (c.head_dim,), False) if qk_norm else None,
+                k_norm=tensor(p + "attn_k_norm.weight", (c.head_dim,), False) if qk_norm else None))
         inv_freq = c.rope_theta ** (-np.arange(0, c.rope_dims, 2, dtype=np.float64) / c.rope_dims)
         if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+ long-context frequency factors
             inv_freq = inv_freq / tensor("rope_freqs.weight", (c.rope_dims // 2,), False)
@@ -569,6 +589,10 @@ class Model:
             self._table = np.array([(t.offset, t.nbytes, t.shape[0], t.type) for t in matrices + [self.output]])
             self._norms = np.stack([np.stack([L.attn_norm, L.ffn_norm]) for L in self.layers]
                                    + [np.stack([self.output_norm, self.output_norm])]).astype(np.float32)
+            biases = [L.qkv_bias for L in self.layers if L.qkv_bias is not None]
+            self._qkv_bias = np.array(biases, np.float32).reshape(len(biases), q_dim + 2 * kv_dim)
+            norms = [(L.q_norm, L.k_norm) for L in self.layers if L.q_norm is not None]
+            self._qk_norms = np.array(norms, np.float32).reshape(len(norms), 2, c.head_dim)
 
     # -- the Python interface -------------------------------------------------
     def session(self, exact: bool = False) -> Session:
@@ -638,11 +662,17 @@ class Model:
         cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, rope_dims/2)
         sin = np.sin(angles).astype(np.float32)[:, None, :]
         x = get_rows(self.token_embd, tokens)  # (T, n_embd)
+        q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L.attn_norm, c.norm_eps)
-            q = self._rope(matmul(h, L.wq).reshape(T, c.n_head, c.head_dim), cos, sin)
-            k = self._rope(matmul(h, L.wk).reshape(T, c.n_head_kv, c.head_dim), cos, sin)
-            v = matmul(h, L.wv).reshape(T, c.n_head_kv, c.head_dim)
+            q, k, v = matmul(h, L.wq), matmul(h, L.wk), matmul(h, L.wv)
+            if L.qkv_bias is not None:
+                q, k, v = q + L.qkv_bias[:q_dim], k + L.qkv_bias[q_dim:q_dim + kv_dim], v + L.qkv_bias[q_dim + kv_dim:]
+            q, k = q.reshape(T, c.n_head, c.head_dim), k.reshape(T, c.n_head_kv, c.head_dim)
+            if L.q_norm is not None:
+                q, k = rms_norm(q, L.q_norm, c.norm_eps), rms_norm(k, L.k_norm, c.norm_eps)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            v = v.reshape(T, c.n_head_kv, c.head_dim)
             x = x + matmul(attend(i, q, k, v), L.wo)
             h = rms_norm(x, L.ffn_norm, c.norm_eps)
             gate = silu(matmul(h, L.w_gate))
@@ -704,12 +734,17 @@ class Model:
             yield pairs
 
     def _rope(self, x, cos, sin):
-        """Rotate adjacent pairs (2i, 2i+1) of the first rope_dims of each head: GGUF's
-        llama layout (its converters permute Wq and Wk rows to match)."""
+        """Rotate pairs of the first rope_dims of each head: adjacent ones (2i, 2i+1) in GGUF's
+        llama layout (its converters permute Wq and Wk rows to match), (i, i + rope_dims/2)
+        where the architecture says so (rope_neox: Hugging Face's own layout)."""
         d = self.config.rope_dims
-        pairs = x[..., :d].reshape(*x.shape[:-1], d // 2, 2)
-        x0, x1 = pairs[..., 0], pairs[..., 1]
-        rotated = np.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(*x.shape[:-1], d)
+        if self.config.rope_neox:
+            x0, x1 = x[..., :d // 2], x[..., d // 2:d]
+            rotated = np.concatenate([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+        else:
+            pairs = x[..., :d].reshape(*x.shape[:-1], d // 2, 2)
+            x0, x1 = pairs[..., 0], pairs[..., 1]
+            rotated = np.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(*x.shape[:-1], d)
         return np.concatenate([rotated, x[..., d:]], axis=-1) if d < x.shape[-1] else rotated
 
     def _decode(self, caches, tokens, positions, wanted):
@@ -726,8 +761,9 @@ class Model:
         # threads at once (its 'workqueue' layer aborts), and one call already uses every core
         with _KERNEL_LOCK:
             numba.set_num_threads(self.threads)  # per calling thread in numba
-            _decode_tokens(x, positions, self.gguf.data, self._table, self._norms, k_caches, v_caches, cos, sin,
-                           self.config.n_head, self.config.norm_eps, wanted, logits, self.threads)
+            _decode_tokens(x, positions, self.gguf.data, self._table, self._norms, self._qkv_bias, self._qk_norms,
+                           k_caches, v_caches, cos, sin, self.config.n_head, self.config.norm_eps,
+                           self.config.rope_neox, wanted, logits, self.threads)
         return logits
 
 
@@ -2328,13 +2364,24 @@ def _rms_norm(x, weight, eps):
 
 
 @_jit
-def _rope(x, n_head, head_dim, cos, sin):
-    """In place: rotate pairs (2i, 2i+1) of the first 2*len(cos) dimensions of each head."""
+def _rope(x, n_head, head_dim, cos, sin, neox):
+    """In place: rotate pairs (2i, 2i+1) of the first 2*len(cos) dimensions of each head, or
+    with neox pairs (i, i + len(cos)) (see Model._rope)."""
+    half = cos.shape[0]
     for h in range(n_head):
-        for i in range(cos.shape[0]):
-            a, b = x[h * head_dim + 2 * i], x[h * head_dim + 2 * i + 1]
-            x[h * head_dim + 2 * i] = a * cos[i] - b * sin[i]
-            x[h * head_dim + 2 * i + 1] = a * sin[i] + b * cos[i]
+        for i in range(half):
+            j, k = (h * head_dim + i, h * head_dim + i + half) if neox else (h * head_dim + 2 * i, h * head_dim + 2 * i + 1)
+            a, b = x[j], x[k]
+            x[j] = a * cos[i] - b * sin[i]
+            x[k] = a * sin[i] + b * cos[i]
+
+
+@_jit
+def _head_norm(x, n_head, head_dim, weight, eps):
+    """In place: RMS-normalize each head of x (Qwen 3's query and key norms)."""
+    for h in range(n_head):
+        head = x[h * head_dim:(h + 1) * head_dim]
+        head[:] = head * (np.float32(1) / np.sqrt(np.mean(head * head) + np.float32(eps))) * weight
 
 
 @_jit
@@ -2384,8 +2431,8 @@ def _matmul_at(data, table, m, x, xq, xd, xsum, out, chunks):
 
 
 @_jit
-def _decode_tokens(x, positions, data, table, norms, k_caches, v_caches, cos, sin, n_head, eps, wanted, logits,
-                   threads):
+def _decode_tokens(x, positions, data, table, norms, qkv_bias, qk_norms, k_caches, v_caches, cos, sin, n_head, eps,
+                   neox, wanted, logits, threads):
     """Run tokens (their embeddings x, (T, n_embd)) through every layer, token t at position
     positions[t] of the sequence whose caches are k_caches[t], v_caches[t] ((layers, kv heads,
     head_dim, positions)); write their keys and values there, and the next-token logits of
@@ -2394,7 +2441,8 @@ def _decode_tokens(x, positions, data, table, norms, k_caches, v_caches, cos, si
     positions) mix freely: each layer writes every token's keys and values before any token
     attends, and a token attends to the positions up to its own. data is the file's bytes;
     table rows 7i..7i+6 place layer i's q, k, v, output, gate, up and down matrices in it (see
-    _matmul_at), the last row the output projection. A token's numbers depend only on it and
+    _matmul_at), the last row the output projection. qkv_bias (layers, q + k + v dims) and
+    qk_norms (layers, 2, head_dim) have no rows for a model without them; neox: Model._rope. A token's numbers depend only on it and
     the cache before it, never on the others in the call: its logits are those it gets alone."""
     n_layer, n_head_kv, head_dim, _ = k_caches[0].shape
     T = x.shape[0]
@@ -2411,8 +2459,15 @@ def _decode_tokens(x, positions, data, table, norms, k_caches, v_caches, cos, si
         _matmul_at(data, table, m + 1, h, hq, hd, hs, k, chunks)
         _matmul_at(data, table, m + 2, h, hq, hd, hs, v, chunks)
         for t in range(T):
-            _rope(q[t], n_head, head_dim, cos[t], sin[t])
-            _rope(k[t], n_head_kv, head_dim, cos[t], sin[t])
+            if qkv_bias.shape[0]:
+                q[t] += qkv_bias[i, :q.shape[1]]
+                k[t] += qkv_bias[i, q.shape[1]:q.shape[1] + k.shape[1]]
+                v[t] += qkv_bias[i, q.shape[1] + k.shape[1]:]
+            if qk_norms.shape[0]:
+                _head_norm(q[t], n_head, head_dim, qk_norms[i, 0], eps)
+                _head_norm(k[t], n_head_kv, head_dim, qk_norms[i, 1], eps)
+            _rope(q[t], n_head, head_dim, cos[t], sin[t], neox)
+            _rope(k[t], n_head_kv, head_dim, cos[t], sin[t], neox)
             k_caches[t][i, :, :, positions[t]] = k[t].reshape(n_head_kv, head_dim)
             v_caches[t][i, :, :, positions[t]] = v[t].reshape(n_head_kv, head_dim)
         _attention(q, k_caches, v_caches, i, positions, n_head, att, threads)
@@ -2449,8 +2504,9 @@ def _compile_kernels() -> bool:
         cache = np.zeros((1, 1, 2, 1), np.float32)  # (layers, kv heads, head_dim, positions)
         try:
             _decode_tokens(np.zeros((1, 16), np.float32), np.zeros(1, np.int64), data, table,
-                           np.ones((2, 2, 16), np.float32), numba.typed.List([cache]), numba.typed.List([cache.copy()]),
-                           np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32), 1, 1e-5,
+                           np.ones((2, 2, 16), np.float32), np.zeros((1, 5), np.float32), np.ones((1, 2, 2), np.float32),
+                           numba.typed.List([cache]), numba.typed.List([cache.copy()]),
+                           np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32), 1, 1e-5, False,
                            np.zeros(1, np.int64), np.zeros((1, 1), np.float32), 1)
             _compiled = True
         except Exception as e:  # numba reports compile failures with many exception types
