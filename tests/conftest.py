@@ -162,14 +162,16 @@ def encode_tensor(w: np.ndarray, qtype, rng) -> tuple[np.ndarray, np.ndarray]:
 def tiny_llama(tie: bool, n_head=4, n_head_kv=2, hidden=64, ff=96, layers=2, vocab=320, seed=0, ctx=128,
                arch="llama", head_dim=None):
     """A tiny random transformers model of a family run.py runs: llama, mistral (its files are
-    `llama`), qwen2 (q, k, v biases) or qwen3 (query and key norms; head_dim may differ from
-    hidden / n_head)."""
+    `llama`), qwen2 (q, k, v biases), qwen3 (query and key norms; head_dim may differ from
+    hidden / n_head) or phi3 (fused q/k/v and gate/up)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}[arch]
     extra = {"head_dim": head_dim} if head_dim else {}
+    if arch == "phi3":
+        extra["pad_token_id"] = 0  # its default, 32000, is past a tiny vocabulary
     config = getattr(transformers, name + "Config")(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
         num_attention_heads=n_head, num_key_value_heads=n_head_kv, max_position_embeddings=ctx,
@@ -184,7 +186,7 @@ def tiny_llama(tie: bool, n_head=4, n_head_kv=2, hidden=64, ff=96, layers=2, voc
 
 
 # transformers' model_type -> general.architecture, as llama.cpp's converter writes it
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 
 def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: dict | None = None):
@@ -225,7 +227,8 @@ def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: d
     per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                  "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                 "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's fused ones
     state = model.state_dict()
     with torch.no_grad():
         for name, tensor in state.items():

@@ -1,7 +1,8 @@
 """The model families beyond Llama, each against transformers (the oracle) on tiny random
 models written to GGUF as llama.cpp's converter writes them (tests/conftest.py): Mistral (its
 files are `llama`), Qwen 2 (biases on the query, key and value projections, RoPE on halves)
-and Qwen 3 (a norm on each query and key head, a head size that is not width / heads). Both
+Qwen 3 (a norm on each query and key head, a head size that is not width / heads) and Phi-3
+(one matrix for the query, key and value projections, one for gate and up). Both
 paths: numpy (1e-4 of the logits' scale) and the compiled kernels (1e-3: activations rounded
 to 16 bits), F32 and a quantized file, prompt and token-by-token decoding."""
 
@@ -17,6 +18,7 @@ FAMILIES = {
     "mistral": dict(arch="mistral"),
     "qwen2": dict(arch="qwen2"),
     "qwen3": dict(arch="qwen3", head_dim=32),  # 4 heads of 32 on a width of 96
+    "phi3": dict(arch="phi3"),
 }
 
 
@@ -44,6 +46,10 @@ def test_the_file_says_what_it_is(family):
     assert (m.layers[0].qkv_bias is not None) == (name == "qwen2")
     assert (m.layers[0].q_norm is not None) == (name == "qwen3")
     assert m.config.head_dim == FAMILIES[name].get("head_dim", 96 // 4)
+    if name == "phi3":  # views of the fused matrices' rows, in the file's bytes
+        layer, t = m.layers[0], m.gguf.tensors["blk.0.attn_qkv.weight"]
+        assert (layer.wq.offset, layer.wk.offset - layer.wq.offset) == (t.offset, layer.wq.nbytes)
+        assert layer.wv.offset + layer.wv.nbytes == t.offset + t.nbytes
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])

@@ -1,4 +1,4 @@
-"""run.py: run a GGUF language model (Llama, Mistral, Qwen 2/2.5/3) with numpy alone, fast with numba.
+"""run.py: run a GGUF language model (Llama, Mistral, Qwen 2/2.5/3, Phi-3) with numpy alone, fast with numba.
 
 This is the second of the two files: copy it next to a .gguf and run
 
@@ -398,6 +398,14 @@ def matmul_parts(x: np.ndarray, w: TensorInfo) -> Iterator[tuple[int, np.ndarray
         yield first, x @ dequantize(raw[first:first + step], w.type).T
 
 
+def row_slice(w: TensorInfo, first: int, n: int) -> TensorInfo:
+    """Rows first..first+n of a matrix as a matrix of its own (the parts of a fused tensor:
+    Phi-3's query/key/value and gate/up), the same bytes of the file."""
+    row_bytes = w.nbytes // w.shape[0]
+    return TensorInfo(f"{w.name}[{first}:{first + n}]", (n, *w.shape[1:]), w.type, w.offset + first * row_bytes,
+                      n * row_bytes, w.data[first * row_bytes:(first + n) * row_bytes])
+
+
 def get_rows(w: TensorInfo, ids) -> np.ndarray:
     """Rows `ids` of a matrix as float32 (the embedding lookup)."""
     return dequantize(w.data.reshape(w.shape[0], -1)[np.asarray(ids)], w.type)
@@ -428,8 +436,9 @@ class Config:
 # general.architecture -> whether its RoPE pairs dimension i with i + rope_dims/2 (llama.cpp's
 # NEOX type; its converters permute the query and key rows of `llama` files only). Qwen 2 adds
 # biases to the query, key and value projections, Qwen 3 normalizes each query and key head
-# (both are found by their tensors); Mistral's files are `llama`.
-ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True}
+# (both are found by their tensors); Phi-3 fuses the query, key and value projections into
+# one matrix and the gate and up projections into another; Mistral's files are `llama`.
+ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True, "phi3": True}
 
 
 def _config(gguf: GGUFFile) -> Config:
@@ -559,15 +568,19 @@ class Model:
         qk_norm = "blk.0.attn_q_norm.weight" in gguf.tensors
         for i in range(c.n_layer):
             p = f"blk.{i}."
+            if c.arch == "phi3":  # fused: rows [q; k; v] and [gate; up]
+                qkv = tensor(p + "attn_qkv.weight", (q_dim + 2 * kv_dim, c.n_embd))
+                wq, wk, wv = row_slice(qkv, 0, q_dim), row_slice(qkv, q_dim, kv_dim), row_slice(qkv, q_dim + kv_dim, kv_dim)
+                gate_up = tensor(p + "ffn_up.weight", (2 * c.n_ff, c.n_embd))
+                w_gate, w_up = row_slice(gate_up, 0, c.n_ff), row_slice(gate_up, c.n_ff, c.n_ff)
+            else:
+                wq, wk, wv = (tensor(p + "attn_q.weight", (q_dim, c.n_embd)), tensor(p + "attn_k.weight", (kv_dim, c.n_embd)),
+                              tensor(p + "attn_v.weight", (kv_dim, c.n_embd)))
+                w_gate, w_up = tensor(p + "ffn_gate.weight", (c.n_ff, c.n_embd)), tensor(p + "ffn_up.weight", (c.n_ff, c.n_embd))
             self.layers.append(Layer(
-                attn_norm=tensor(p + "attn_norm.weight", (c.n_embd,), False),
-                wq=tensor(p + "attn_q.weight", (q_dim, c.n_embd)),
-                wk=tensor(p + "attn_k.weight", (kv_dim, c.n_embd)),
-                wv=tensor(p + "attn_v.weight", (kv_dim, c.n_embd)),
+                attn_norm=tensor(p + "attn_norm.weight", (c.n_embd,), False), wq=wq, wk=wk, wv=wv,
                 wo=tensor(p + "attn_output.weight", (c.n_embd, q_dim)),
-                ffn_norm=tensor(p + "ffn_norm.weight", (c.n_embd,), False),
-                w_gate=tensor(p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
-                w_up=tensor(p + "ffn_up.weight", (c.n_ff, c.n_embd)),
+                ffn_norm=tensor(p + "ffn_norm.weight", (c.n_embd,), False), w_gate=w_gate, w_up=w_up,
                 w_down=tensor(p + "ffn_down.weight", (c.n_embd, c.n_ff)),
                 qkv_bias=(np.concatenate([tensor(p + f"attn_{x}.bias", (n,), False)
                                           for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))])
@@ -575,6 +588,8 @@ class Model:
                 q_norm=tensor(p + "attn_q_norm.weight", (c.head_dim,), False) if qk_norm else None,
                 k_norm=tensor(p + "attn_k_norm.weight", (c.head_dim,), False) if qk_norm else None))
         inv_freq = c.rope_theta ** (-np.arange(0, c.rope_dims, 2, dtype=np.float64) / c.rope_dims)
+        if "rope_factors_long.weight" in gguf.tensors:
+            raise GGUFError(f"{self.path}: LongRoPE (rope_factors_long/short, Phi-3 128k) is not supported")
         if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+ long-context frequency factors
             inv_freq = inv_freq / tensor("rope_freqs.weight", (c.rope_dims // 2,), False)
         self.inv_freq = inv_freq / c.rope_scale
