@@ -163,19 +163,25 @@ def tiny_llama(tie: bool, n_head=4, n_head_kv=2, hidden=64, ff=96, layers=2, voc
                arch="llama", head_dim=None):
     """A tiny random transformers model of a family run.py runs: llama, mistral (its files are
     `llama`), qwen2 (q, k, v biases), qwen3 (query and key norms; head_dim may differ from
-    hidden / n_head) or phi3 (fused q/k/v and gate/up)."""
+    hidden / n_head), phi3 (fused q/k/v and gate/up) or gemma3 (its text model)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}[arch]
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
+            "gemma3": "Gemma3"}[arch]
     extra = {"head_dim": head_dim} if head_dim else {}
+    if arch != "gemma3":  # Gemma 3 keeps its two bases: 1e6 for global layers, 1e4 for the others
+        extra["rope_theta"] = 10000.0
     if arch == "phi3":
         extra["pad_token_id"] = 0  # its default, 32000, is past a tiny vocabulary
-    config = getattr(transformers, name + "Config")(
+    if arch == "gemma3":  # sliding windows of 8 positions on all layers but the second
+        extra.update(query_pre_attn_scalar=head_dim, sliding_window=8, pad_token_id=0,
+                     layer_types=["full_attention" if i == 1 else "sliding_attention" for i in range(layers)])
+    config = getattr(transformers, name + ("TextConfig" if arch == "gemma3" else "Config"))(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
         num_attention_heads=n_head, num_key_value_heads=n_head_kv, max_position_embeddings=ctx,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie, **extra)
+        rms_norm_eps=1e-5, tie_word_embeddings=tie, **extra)
     model = getattr(transformers, name + "ForCausalLM")(config).float().eval()
     with torch.no_grad():  # larger than the default init, so that mistakes show in the logits
         for p in model.parameters():
@@ -186,7 +192,8 @@ def tiny_llama(tie: bool, n_head=4, n_head_kv=2, hidden=64, ff=96, layers=2, voc
 
 
 # transformers' model_type -> general.architecture, as llama.cpp's converter writes it
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+             "gemma3_text": "gemma3"}
 
 
 def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: dict | None = None):
@@ -215,7 +222,11 @@ def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: d
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
+    if arch == "gemma3":  # rope.freq_base below is the global layers'; the others' is 10000
+        writer.add_sliding_window(c.sliding_window)
+        writer.add_array("gemma3.attention.sliding_window_pattern", [t == "sliding_attention" for t in c.layer_types])
+    rope = getattr(c, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(getattr(c, "rope_theta", None) or rope.get("full_attention", rope).get("rope_theta")))
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     if qtype not in (Q.F32, Q.F16, Q.BF16):
@@ -229,6 +240,9 @@ def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: d
                  "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                  "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
                  "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's fused ones
+    if arch == "gemma3":  # Gemma's post_attention_layernorm is after attention, not before the FFN
+        per_layer.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                          "post_feedforward_layernorm": "post_ffw_norm"})
     state = model.state_dict()
     with torch.no_grad():
         for name, tensor in state.items():
@@ -245,6 +259,8 @@ def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: d
                       else c.num_key_value_heads if "k_proj" in name else None)
             if n_perm:
                 w = permute_qk(w, n_perm)
+            if arch == "gemma3" and "norm" in name:  # Gemma's norms scale by 1 + w: the converter adds the 1
+                w = w + 1
             if w.ndim == 1:  # norms and biases stay F32, as in llama.cpp
                 writer.add_tensor(out, w)
                 continue

@@ -431,14 +431,24 @@ class Config:
     norm_eps: float
     arch: str = "llama"
     rope_neox: bool = False  # RoPE on pairs (i, i + rope_dims/2), not (2i, 2i+1): see Model._rope
+    # Gemma 3
+    embd_scale: float = 1.0          # the embeddings are multiplied by this (sqrt(n_embd))
+    attn_scale: float = 0.0          # queries are multiplied by this (0: 1/sqrt(head_dim))
+    gelu: bool = False               # the FFN's gate through tanh-GELU, not SiLU
+    sliding_window: int = 0          # a layer in swa_layers sees only this many positions, its own included
+    swa_layers: tuple = ()           # which layers have a sliding window (RoPE base rope_theta_swa, unscaled)
+    rope_theta_swa: float = 10000.0
 
 
 # general.architecture -> whether its RoPE pairs dimension i with i + rope_dims/2 (llama.cpp's
 # NEOX type; its converters permute the query and key rows of `llama` files only). Qwen 2 adds
 # biases to the query, key and value projections, Qwen 3 normalizes each query and key head
 # (both are found by their tensors); Phi-3 fuses the query, key and value projections into
-# one matrix and the gate and up projections into another; Mistral's files are `llama`.
-ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True, "phi3": True}
+# one matrix and the gate and up projections into another; Mistral's files are `llama`. Gemma 3
+# scales its embeddings, normalizes each attention's and FFN's output too (post-norms), runs
+# its FFN through tanh-GELU, and gives five of every six layers a sliding window with a RoPE
+# base of their own (llama.cpp's gemma3 graph).
+ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True, "phi3": True, "gemma3": True}
 
 
 def _config(gguf: GGUFFile) -> Config:
@@ -478,13 +488,36 @@ def _config(gguf: GGUFFile) -> Config:
         raise GGUFError(f"{path}: {arch}.rope.scaling.type = {scaling!r:.40} is not supported (none, linear)")
     rope_scale = get("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0
     tokens = meta.get("tokenizer.ggml.tokens")
+    n_layer = get("block_count")
+    gemma = {}
+    if arch == "gemma3":
+        window = meta.get("gemma3.attention.sliding_window", 0)
+        if not isinstance(window, int) or window < 0:
+            raise GGUFError(f"{path}: metadata gemma3.attention.sliding_window = {window!r:.40} is not a count")
+        pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+        if (isinstance(pattern, np.ndarray) and pattern.shape == (n_layer,) and pattern.dtype.kind in "bui"
+                and set(pattern.tolist()) <= {0, 1}):  # GGUF booleans read as bytes
+            swa = tuple(bool(b) for b in pattern)  # per layer, as llama.cpp's load_swa_pattern reads it
+        elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 0:
+            swa = tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layer))
+        else:
+            raise GGUFError(f"{path}: metadata gemma3.attention.sliding_window_pattern = {pattern!r:.40} is "
+                            f"neither a count nor {n_layer} booleans")
+        softcap = meta.get("gemma3.final_logit_softcapping", 0.0)
+        if softcap:
+            raise GGUFError(f"{path}: gemma3.final_logit_softcapping = {softcap!r:.40} is not supported")
+        # llama.cpp's query scale: 1/sqrt(head size), but 1/sqrt(width / heads) for the 27B (62 layers)
+        scale = 1.0 / np.sqrt(n_embd / n_head if n_layer == 62 else head_dim)
+        gemma = dict(embd_scale=float(np.sqrt(np.float32(n_embd))), attn_scale=scale, gelu=True,
+                     sliding_window=window, swa_layers=swa if window else (),
+                     rope_theta_swa=get("rope.freq_base_swa", float, 10000.0))
     return Config(
         n_vocab=get("vocab_size", default=len(tokens) if isinstance(tokens, list) else None), n_embd=n_embd,
-        n_layer=get("block_count"), n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+        n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
         n_ff=get("feed_forward_length"), n_ctx=get("context_length"),
         rope_theta=get("rope.freq_base", float, 10000.0), rope_dims=rope_dims,
         rope_scale=rope_scale or 1.0, norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-5),
-        arch=arch, rope_neox=ARCHITECTURES[arch])
+        arch=arch, rope_neox=ARCHITECTURES[arch], **gemma)
 
 
 def rms_norm(x, weight, eps):
@@ -496,6 +529,11 @@ def silu(x):
         d = np.exp(-x)
         d += 1.0
         return np.divide(x, d, out=d)
+
+
+def gelu_tanh(x):
+    """GELU's tanh approximation (Gemma's gelu_pytorch_tanh, ggml's gelu)."""
+    return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x * x * x)))
 
 
 def softmax(x, axis=-1):
@@ -522,8 +560,11 @@ class Layer:
     w_up: TensorInfo
     w_down: TensorInfo
     qkv_bias: np.ndarray | None = None  # Qwen 2: the q, k and v projections' biases, one vector
-    q_norm: np.ndarray | None = None    # Qwen 3: RMSNorm weights of each query head and key head
+    q_norm: np.ndarray | None = None    # Qwen 3, Gemma 3: RMSNorm weights of each query head and key head
     k_norm: np.ndarray | None = None
+    attn_post_norm: np.ndarray | None = None  # Gemma 3: the attention's and the FFN's outputs normalized
+    ffn_post_norm: np.ndarray | None = None
+    swa: bool = False                   # Gemma 3: a sliding-window layer (Config.sliding_window)
 
 
 PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
@@ -566,6 +607,7 @@ class Model:
         self.output_norm = tensor("output_norm.weight", (c.n_embd,), matrix=False)
         self.layers = []
         qk_norm = "blk.0.attn_q_norm.weight" in gguf.tensors
+        gemma = c.arch == "gemma3"
         for i in range(c.n_layer):
             p = f"blk.{i}."
             if c.arch == "phi3":  # fused: rows [q; k; v] and [gate; up]
@@ -586,18 +628,24 @@ class Model:
                                           for x, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim))])
                           if p + "attn_q.bias" in gguf.tensors else None),
                 q_norm=tensor(p + "attn_q_norm.weight", (c.head_dim,), False) if qk_norm else None,
-                k_norm=tensor(p + "attn_k_norm.weight", (c.head_dim,), False) if qk_norm else None))
+                k_norm=tensor(p + "attn_k_norm.weight", (c.head_dim,), False) if qk_norm else None,
+                attn_post_norm=tensor(p + "post_attention_norm.weight", (c.n_embd,), False) if gemma else None,
+                ffn_post_norm=tensor(p + "post_ffw_norm.weight", (c.n_embd,), False) if gemma else None,
+                swa=bool(c.swa_layers) and c.swa_layers[i]))
         inv_freq = c.rope_theta ** (-np.arange(0, c.rope_dims, 2, dtype=np.float64) / c.rope_dims)
         if "rope_factors_long.weight" in gguf.tensors:
             raise GGUFError(f"{self.path}: LongRoPE (rope_factors_long/short, Phi-3 128k) is not supported")
         if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+ long-context frequency factors
             inv_freq = inv_freq / tensor("rope_freqs.weight", (c.rope_dims // 2,), False)
         self.inv_freq = inv_freq / c.rope_scale
+        # sliding-window layers: their own base, no scaling (llama.cpp's rope_freq_base_swa)
+        self.inv_freq_swa = c.rope_theta_swa ** (-np.arange(0, c.rope_dims, 2, dtype=np.float64) / c.rope_dims)
         threads = default_threads() if threads is None else threads
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         # generation runs on the compiled kernels when numba is there (tests set False to compare)
-        self.use_numba = numba is not None and _compile_kernels()
+        # (Gemma 3's post-norms, GELU and sliding windows are not in the kernels yet: numpy)
+        self.use_numba = numba is not None and c.arch != "gemma3" and _compile_kernels()
         self.threads = min(threads, numba.config.NUMBA_NUM_THREADS) if self.use_numba else threads
         if self.use_numba:
             matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
@@ -659,11 +707,13 @@ class Model:
         """numpy: run tokens at positions start.. with their keys and values written to the
         caches (which hold the earlier ones); the logits of the last token, or of every one."""
         S = start + len(tokens)
-        mask = np.arange(S)[None, :] <= np.arange(start, S)[:, None]  # query t (position start+t) sees 0..start+t
+        behind = np.arange(start, S)[:, None] - np.arange(S)[None, :]
+        mask = behind >= 0  # query t (position start+t) sees 0..start+t
+        window = mask & (behind < self.config.sliding_window)  # and in a sliding-window layer, the last few
 
         def attend(i, q, k, v):  # the new keys and values join the cache's, positions last
             k_cache[i, :, :, start:S], v_cache[i, :, :, start:S] = k.transpose(1, 2, 0), v.transpose(1, 2, 0)
-            return self._attend(q, k_cache[i, :, :, :S], v_cache[i, :, :, :S], mask)
+            return self._attend(q, k_cache[i, :, :, :S], v_cache[i, :, :, :S], window if self.layers[i].swa else mask)
 
         x = self._layers(tokens, np.arange(start, S), attend)
         return matmul(x if all_logits else x[-1:], self.output)
@@ -673,12 +723,17 @@ class Model:
         q, k, v) -> (T, n_head * head_dim); the final normalized hidden states (T, n_embd)."""
         c = self.config
         T = len(tokens)
-        angles = np.asarray(positions, np.float64)[:, None] * self.inv_freq[None, :]
-        cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, rope_dims/2)
-        sin = np.sin(angles).astype(np.float32)[:, None, :]
+        rotations = []
+        for inv_freq in (self.inv_freq, self.inv_freq_swa):
+            angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
+            rotations.append((np.cos(angles).astype(np.float32)[:, None, :],  # (T, 1, rope_dims/2)
+                              np.sin(angles).astype(np.float32)[:, None, :]))
         x = get_rows(self.token_embd, tokens)  # (T, n_embd)
+        if c.embd_scale != 1.0:
+            x *= np.float32(c.embd_scale)
         q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
         for i, L in enumerate(self.layers):
+            cos, sin = rotations[L.swa]
             h = rms_norm(x, L.attn_norm, c.norm_eps)
             q, k, v = matmul(h, L.wq), matmul(h, L.wk), matmul(h, L.wv)
             if L.qkv_bias is not None:
@@ -688,11 +743,13 @@ class Model:
                 q, k = rms_norm(q, L.q_norm, c.norm_eps), rms_norm(k, L.k_norm, c.norm_eps)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             v = v.reshape(T, c.n_head_kv, c.head_dim)
-            x = x + matmul(attend(i, q, k, v), L.wo)
+            out = matmul(attend(i, q, k, v), L.wo)
+            x = x + (out if L.attn_post_norm is None else rms_norm(out, L.attn_post_norm, c.norm_eps))
             h = rms_norm(x, L.ffn_norm, c.norm_eps)
-            gate = silu(matmul(h, L.w_gate))
+            gate = (gelu_tanh if c.gelu else silu)(matmul(h, L.w_gate))
             gate *= matmul(h, L.w_up)
-            x = x + matmul(gate, L.w_down)
+            out = matmul(gate, L.w_down)
+            x = x + (out if L.ffn_post_norm is None else rms_norm(out, L.ffn_post_norm, c.norm_eps))
         return rms_norm(x, self.output_norm, c.norm_eps)
 
     def _attend(self, q, keys, values, mask):
@@ -701,7 +758,7 @@ class Model:
         c = self.config
         T, S = len(q), keys.shape[-1]
         # grouped-query attention: query head j uses key/value head j // group
-        group, scale = c.n_head // c.n_head_kv, 1.0 / c.head_dim ** 0.5
+        group, scale = c.n_head // c.n_head_kv, c.attn_scale or 1.0 / c.head_dim ** 0.5
         q = q.reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
         scores = (q.reshape(c.n_head_kv, group * T, c.head_dim) @ keys) * scale
         scores = np.where(mask, scores.reshape(c.n_head_kv, group, T, S), -np.inf)
@@ -713,10 +770,14 @@ class Model:
         """One pass for the prefix trees' tokens; each tree's pairs' log-probabilities."""
         offsets = np.cumsum([0] + [len(t.tokens) for t in trees])
 
+        W = self.config.sliding_window
+        windows = [t.mask & (t.positions[:, None] - t.positions[None, :] < W) for t in trees] if W else None
+
         def attend(i, q, k, v):  # each tree on its own: its tokens see their ancestors only
             out = np.empty((len(q), q.shape[1] * q.shape[2]), np.float32)
-            for t, a, b in zip(trees, offsets, offsets[1:]):
-                out[a:b] = self._attend(q[a:b], k[a:b].transpose(1, 2, 0), v[a:b].transpose(1, 2, 0), t.mask)
+            for n, (t, a, b) in enumerate(zip(trees, offsets, offsets[1:])):
+                mask = windows[n] if self.layers[i].swa else t.mask
+                out[a:b] = self._attend(q[a:b], k[a:b].transpose(1, 2, 0), v[a:b].transpose(1, 2, 0), mask)
             return out
 
         x = self._layers([i for t in trees for i in t.tokens], np.concatenate([t.positions for t in trees]), attend)
