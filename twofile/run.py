@@ -1,4 +1,4 @@
-"""run.py: run a GGUF language model (Llama, Mistral, Qwen 2/2.5/3, Phi-3) with numpy alone, fast with numba.
+"""run.py: run a GGUF language model (Llama, Mistral, Qwen, Phi-3, Gemma 3) with numpy alone, fast with numba.
 
 This is the second of the two files: copy it next to a .gguf and run
 
@@ -644,8 +644,7 @@ class Model:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         # generation runs on the compiled kernels when numba is there (tests set False to compare)
-        # (Gemma 3's post-norms, GELU and sliding windows are not in the kernels yet: numpy)
-        self.use_numba = numba is not None and c.arch != "gemma3" and _compile_kernels()
+        self.use_numba = numba is not None and _compile_kernels()
         self.threads = min(threads, numba.config.NUMBA_NUM_THREADS) if self.use_numba else threads
         if self.use_numba:
             matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
@@ -656,6 +655,9 @@ class Model:
             self._qkv_bias = np.array(biases, np.float32).reshape(len(biases), q_dim + 2 * kv_dim)
             norms = [(L.q_norm, L.k_norm) for L in self.layers if L.q_norm is not None]
             self._qk_norms = np.array(norms, np.float32).reshape(len(norms), 2, c.head_dim)
+            posts = [(L.attn_post_norm, L.ffn_post_norm) for L in self.layers if L.attn_post_norm is not None]
+            self._post_norms = np.array(posts, np.float32).reshape(len(posts), 2, c.n_embd)
+            self._windows = np.array([c.sliding_window if L.swa else 0 for L in self.layers], np.int64)
 
     # -- the Python interface -------------------------------------------------
     def session(self, exact: bool = False) -> Session:
@@ -827,10 +829,13 @@ class Model:
         """Tokens through the compiled kernels, token t with the caches caches[t] (a (keys,
         values) pair) at position positions[t], all in one pass over the weights: the
         next-token logits of tokens `wanted` (len(wanted), n_vocab)."""
+        c = self.config
         positions, wanted = np.asarray(positions, np.int64), np.asarray(wanted, np.int64)
-        angles = positions[:, None] * self.inv_freq[None, :]
-        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        angles = positions[None, :, None] * np.stack([self.inv_freq, self.inv_freq_swa])[:, None, :]
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)  # (2, T, rope_dims/2)
         x = get_rows(self.token_embd, tokens)
+        if c.embd_scale != 1.0:
+            x *= np.float32(c.embd_scale)
         logits = np.empty((len(wanted), self.config.n_vocab), np.float32)
         k_caches, v_caches = numba.typed.List([k for k, _ in caches]), numba.typed.List([v for _, v in caches])
         # one kernel call at a time: numba's own thread pool may not be entered from two
@@ -838,8 +843,9 @@ class Model:
         with _KERNEL_LOCK:
             numba.set_num_threads(self.threads)  # per calling thread in numba
             _decode_tokens(x, positions, self.gguf.data, self._table, self._norms, self._qkv_bias, self._qk_norms,
-                           k_caches, v_caches, cos, sin, self.config.n_head, self.config.norm_eps,
-                           self.config.rope_neox, wanted, logits, self.threads)
+                           self._post_norms, k_caches, v_caches, cos, sin, c.n_head, c.norm_eps, c.rope_neox,
+                           self._windows, c.attn_scale or 1.0 / np.sqrt(c.head_dim), c.gelu, wanted, logits,
+                           self.threads)
         return logits
 
 
@@ -2461,42 +2467,44 @@ def _head_norm(x, n_head, head_dim, weight, eps):
 
 
 @_jit
-def _attend(q, s, keys, values, layer, S, head, group, out):
-    """Query head `head` of sequence s (q[s]) against the first S positions of its key/value
-    head (head // group) in the layer's cache: out[s]'s part for that head. The caches hold
-    (layers, n_head_kv, head_dim, positions): every inner loop runs along positions. Arrays
-    are indexed, never sliced (see _rows)."""
+def _attend(q, s, keys, values, layer, first, S, head, group, scale, out):
+    """Query head `head` of sequence s (q[s]), times scale, against positions first..S-1 of
+    its key/value head (head // group) in the layer's cache: out[s]'s part for that head. The
+    caches hold (layers, n_head_kv, head_dim, positions): every inner loop runs along
+    positions. Arrays are indexed, never sliced (see _rows)."""
     head_dim, kv = keys.shape[2], head // group
-    scale, q0 = np.float32(1.0 / np.sqrt(head_dim)), head * head_dim
-    scores = np.zeros(S, np.float32)
+    scale, q0 = np.float32(scale), head * head_dim
+    scores = np.zeros(S - first, np.float32)
     for d in range(head_dim):
         qd = q[s, q0 + d] * scale
-        for p in range(S):
-            scores[p] += qd * keys[layer, kv, d, p]
+        for p in range(first, S):
+            scores[p - first] += qd * keys[layer, kv, d, p]
     top = scores[0]
-    for p in range(S):
+    for p in range(S - first):
         top = max(top, scores[p])
     total = np.float32(0)
-    for p in range(S):
+    for p in range(S - first):
         scores[p] = np.exp(scores[p] - top)
         total += scores[p]
     for d in range(head_dim):
         weighted = np.float32(0)
-        for p in range(S):
-            weighted += scores[p] * values[layer, kv, d, p]
+        for p in range(first, S):
+            weighted += scores[p - first] * values[layer, kv, d, p]
         out[s, q0 + d] = weighted / total
 
 
 @_kernel
-def _attention(q, k_caches, v_caches, layer, positions, n_head, out, threads):
+def _attention(q, k_caches, v_caches, layer, positions, n_head, window, scale, out, threads):
     """Every query head of every sequence s (q[s]) against the first positions[s] + 1 positions
-    of its cache's layer; the (sequence, head) pairs are split among the threads."""
+    of its cache's layer (the last `window` of them, if window > 0); the (sequence, head) pairs
+    are split among the threads."""
     group = n_head // k_caches[0].shape[1]
     pairs = q.shape[0] * n_head
     for t in _prange(threads):
         for pair in range(t * pairs // threads, (t + 1) * pairs // threads):
             s, head = pair // n_head, pair % n_head
-            _attend(q, s, k_caches[s], v_caches[s], layer, positions[s] + 1, head, group, out)
+            first = max(0, positions[s] + 1 - window) if window > 0 else 0
+            _attend(q, s, k_caches[s], v_caches[s], layer, first, positions[s] + 1, head, group, scale, out)
 
 
 @_jit
@@ -2507,8 +2515,8 @@ def _matmul_at(data, table, m, x, xq, xd, xsum, out, chunks):
 
 
 @_jit
-def _decode_tokens(x, positions, data, table, norms, qkv_bias, qk_norms, k_caches, v_caches, cos, sin, n_head, eps,
-                   neox, wanted, logits, threads):
+def _decode_tokens(x, positions, data, table, norms, qkv_bias, qk_norms, post_norms, k_caches, v_caches, cos, sin,
+                   n_head, eps, neox, windows, scale, gelu, wanted, logits, threads):
     """Run tokens (their embeddings x, (T, n_embd)) through every layer, token t at position
     positions[t] of the sequence whose caches are k_caches[t], v_caches[t] ((layers, kv heads,
     head_dim, positions)); write their keys and values there, and the next-token logits of
@@ -2517,9 +2525,13 @@ def _decode_tokens(x, positions, data, table, norms, qkv_bias, qk_norms, k_cache
     positions) mix freely: each layer writes every token's keys and values before any token
     attends, and a token attends to the positions up to its own. data is the file's bytes;
     table rows 7i..7i+6 place layer i's q, k, v, output, gate, up and down matrices in it (see
-    _matmul_at), the last row the output projection. qkv_bias (layers, q + k + v dims) and
-    qk_norms (layers, 2, head_dim) have no rows for a model without them; neox: Model._rope. A token's numbers depend only on it and
-    the cache before it, never on the others in the call: its logits are those it gets alone."""
+    _matmul_at), the last row the output projection. qkv_bias (layers, q + k + v dims),
+    qk_norms (layers, 2, head_dim) and post_norms (layers, 2, n_embd: Gemma's norms of the
+    attention's and the FFN's outputs) have no rows for a model without them; neox:
+    Model._rope; windows[i] > 0: layer i's sliding window, its RoPE from cos[1], sin[1] (the
+    others' from cos[0], sin[0]); scale: the queries'; gelu: tanh-GELU, not SiLU. A token's
+    numbers depend only on it and the cache before it, never on the others in the call: its
+    logits are those it gets alone."""
     n_layer, n_head_kv, head_dim, _ = k_caches[0].shape
     T = x.shape[0]
     chunks = 4 * threads  # smaller pieces than threads, so that a slow thread delays less
@@ -2542,22 +2554,27 @@ def _decode_tokens(x, positions, data, table, norms, qkv_bias, qk_norms, k_cache
             if qk_norms.shape[0]:
                 _head_norm(q[t], n_head, head_dim, qk_norms[i, 0], eps)
                 _head_norm(k[t], n_head_kv, head_dim, qk_norms[i, 1], eps)
-            _rope(q[t], n_head, head_dim, cos[t], sin[t], neox)
-            _rope(k[t], n_head_kv, head_dim, cos[t], sin[t], neox)
+            r = 1 if windows[i] > 0 else 0
+            _rope(q[t], n_head, head_dim, cos[r, t], sin[r, t], neox)
+            _rope(k[t], n_head_kv, head_dim, cos[r, t], sin[r, t], neox)
             k_caches[t][i, :, :, positions[t]] = k[t].reshape(n_head_kv, head_dim)
             v_caches[t][i, :, :, positions[t]] = v[t].reshape(n_head_kv, head_dim)
-        _attention(q, k_caches, v_caches, i, positions, n_head, att, threads)
+        _attention(q, k_caches, v_caches, i, positions, n_head, windows[i], scale, att, threads)
         aq, ad, as_ = _quantize(att)
         _matmul_at(data, table, m + 3, att, aq, ad, as_, proj, chunks)
-        x = x + proj
+        x = x + (_rms_norm(proj, post_norms[i, 0], eps) if post_norms.shape[0] else proj)
         h = _rms_norm(x, norms[i, 1], eps)
         hq, hd, hs = _quantize(h)
         _matmul_at(data, table, m + 4, h, hq, hd, hs, gate, chunks)
         _matmul_at(data, table, m + 5, h, hq, hd, hs, up, chunks)
-        gate = gate / (np.float32(1) + np.exp(-gate)) * up
+        if gelu:
+            gate = np.float32(0.5) * gate * (np.float32(1) + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (
+                gate + np.float32(0.044715) * gate * gate * gate))) * up
+        else:
+            gate = gate / (np.float32(1) + np.exp(-gate)) * up
         gq, gd, gs = _quantize(gate)
         _matmul_at(data, table, m + 6, gate, gq, gd, gs, proj, chunks)
-        x = x + proj
+        x = x + (_rms_norm(proj, post_norms[i, 1], eps) if post_norms.shape[0] else proj)
     h = _rms_norm(x[wanted], norms[n_layer, 0], eps)
     hq, hd, hs = _quantize(h)
     _matmul_at(data, table, table.shape[0] - 1, h, hq, hd, hs, logits, chunks)
@@ -2581,9 +2598,9 @@ def _compile_kernels() -> bool:
         try:
             _decode_tokens(np.zeros((1, 16), np.float32), np.zeros(1, np.int64), data, table,
                            np.ones((2, 2, 16), np.float32), np.zeros((1, 5), np.float32), np.ones((1, 2, 2), np.float32),
-                           numba.typed.List([cache]), numba.typed.List([cache.copy()]),
-                           np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32), 1, 1e-5, False,
-                           np.zeros(1, np.int64), np.zeros((1, 1), np.float32), 1)
+                           np.ones((1, 2, 16), np.float32), numba.typed.List([cache]), numba.typed.List([cache.copy()]),
+                           np.ones((2, 1, 1), np.float32), np.zeros((2, 1, 1), np.float32), 1, 1e-5, False,
+                           np.zeros(1, np.int64), 0.5, False, np.zeros(1, np.int64), np.zeros((1, 1), np.float32), 1)
             _compiled = True
         except Exception as e:  # numba reports compile failures with many exception types
             first_line = (str(e).strip().splitlines() or [""])[0]

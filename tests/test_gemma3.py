@@ -1,0 +1,106 @@
+"""Gemma 3 270M (Q4_K_M, from the package index: twofile.assets.GEMMA3) against Hugging Face
+transformers loading the same GGUF file: logits on both paths, greedy generations,
+tokenization of 1,000 varied strings with its 262,144-token SentencePiece vocabulary."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import varied_strings
+from twofile import assets, run
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land far away,",
+           "Water boils at a temperature of"]
+
+
+@pytest.fixture(scope="module")
+def path():
+    return assets.fetch(assets.GEMMA3)
+
+
+@pytest.fixture(scope="module")
+def ours(path):
+    return run.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_the_file_is_gemma3_with_its_windows(ours):
+    c = ours.config
+    assert (c.arch, c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_vocab) == \
+        ("gemma3", 18, 640, 4, 1, 256, 262144)
+    assert c.sliding_window == 512 and [i for i, swa in enumerate(c.swa_layers) if not swa] == [5, 11, 17]
+
+
+def test_logits_match_transformers(path, hf_model):
+    """Both paths: numpy's float32 and the kernels' (16-bit activations); the prompt runs past
+    no window (512), the sliding-window layers are checked on tiny models (test_architectures)."""
+    numpy_path, kernels = run.load(str(path)), run.load(str(path))
+    numpy_path.use_numba = False
+    ids = numpy_path.tokenize(PROMPTS[2] + " " + PROMPTS[1])
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor([ids])).logits[0].numpy()
+    mine = numpy_path.logits(ids)
+    assert np.abs(mine - theirs).max() <= 5e-4  # measured 2e-5 on logits of magnitude 22
+    assert (mine.argmax(-1) == theirs.argmax(-1)).all()
+    if kernels.use_numba:
+        fast = kernels.session(exact=True).feed(ids, all_logits=True)
+        assert np.abs(fast - theirs).max() <= 1e-3 * np.abs(theirs).max()
+        assert (fast.argmax(-1) == theirs.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_32_greedy_tokens_identical(ours, hf_model, hf_tokenizer, prompt):
+    ids = hf_tokenizer(prompt)["input_ids"]
+    assert ours.tokenize(prompt) == ids
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        out = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    gen = ours.session().generate(ids, max_tokens=32, temperature=0)
+    text = "".join(gen)
+    mine = gen.tokens
+    assert mine == out[:len(mine)] and text == hf_tokenizer.decode(mine)
+    assert len(mine) == 32 or out[len(mine)] in ours.tokenizer.eog_ids
+
+
+def test_tokenizer_matches_transformers_on_1000_strings(ours, hf_tokenizer):
+    """The same ids, and the same text back, on 1,000 varied strings with Gemma's special
+    tokens among them. One rule differs on purpose: a <bos> written at the start of the text
+    is not doubled (llama.cpp's rule; transformers adds a second)."""
+    bos = ours.tokenizer.bos_id
+    texts = varied_strings(1000, seed=11, specials=["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"])
+    doubled = 0
+    for text in texts:
+        mine, theirs = ours.tokenize(text), hf_tokenizer(text)["input_ids"]
+        if text.startswith("<bos>"):
+            doubled += 1
+            theirs = theirs[1:] if theirs[:2] == [bos, bos] else theirs
+        assert mine == theirs, repr(text)
+        assert ours.detokenize(mine) == hf_tokenizer.decode(mine), repr(text)
+    assert 0 < doubled < 50
+
+
+def test_command_line_knows_it_by_name(path):
+    """`twofile run gemma3-270m` fetches (here: finds) the verified file and runs it."""
+    import subprocess
+    import sys
+
+    assert assets.model_path("gemma3-270m") == str(path) and assets.model_path("x.gguf") == "x.gguf"
+    out = subprocess.run([sys.executable, "-m", "twofile", "run", "gemma3-270m", "-p", "The capital of France is",
+                          "-n", "6", "--temperature", "0"], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.startswith(" the capital of the country")  # what transformers' greedy tokens say too
