@@ -353,3 +353,43 @@ class Server:
             except Exception:
                 self.proc.kill()
         return self.proc.wait()
+
+
+def check_real_model_logits(path, hf_model, ids):
+    """A real GGUF model's logits for ids against transformers' loading the same file, both
+    paths: numpy's float32 (within 5e-4: the two sum in different orders over the layers) and
+    the kernels' (16-bit activations: 1e-3 of the logits' scale); the same argmax everywhere."""
+    import torch
+
+    from twofile import run
+
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor([ids])).logits[0].numpy()
+    numpy_path, kernels = run.load(str(path)), run.load(str(path))
+    numpy_path.use_numba = False
+    mine = numpy_path.logits(ids)
+    assert np.abs(mine - theirs).max() <= 5e-4
+    assert (mine.argmax(-1) == theirs.argmax(-1)).all()
+    if kernels.use_numba:
+        fast = kernels.session(exact=True).feed(ids, all_logits=True)
+        assert np.abs(fast - theirs).max() <= 1e-3 * np.abs(theirs).max()
+        assert (fast.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def check_greedy_tokens(ours, hf_model, hf_tokenizer, prompt, pad_token_id, n=32):
+    """n greedy tokens of ours equal transformers' (up to ours stopping at end-of-turn, which
+    transformers is told not to), and so does the text."""
+    import torch
+
+    ids = hf_tokenizer(prompt)["input_ids"]
+    assert ours.tokenize(prompt) == ids
+    with torch.no_grad():
+        # an explicit mask: otherwise transformers masks prompt tokens equal to the pad id
+        x = torch.tensor([ids])
+        out = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                eos_token_id=None, pad_token_id=pad_token_id)[0, len(ids):].tolist()
+    gen = ours.session().generate(ids, max_tokens=n, temperature=0)
+    text = "".join(gen)
+    mine = gen.tokens
+    assert mine == out[:len(mine)] and text == hf_tokenizer.decode(mine)
+    assert len(mine) == n or out[len(mine)] in ours.tokenizer.eog_ids

@@ -2,11 +2,10 @@
 transformers loading the same GGUF file: logits on both paths, greedy generations,
 tokenization of 1,000 varied strings with its 262,144-token SentencePiece vocabulary."""
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import varied_strings
+from conftest import check_greedy_tokens, check_real_model_logits, varied_strings
 from twofile import assets, run
 
 pytestmark = pytest.mark.slow
@@ -46,36 +45,15 @@ def test_the_file_is_gemma3_with_its_windows(ours):
     assert c.sliding_window == 512 and [i for i, swa in enumerate(c.swa_layers) if not swa] == [5, 11, 17]
 
 
-def test_logits_match_transformers(path, hf_model):
-    """Both paths: numpy's float32 and the kernels' (16-bit activations); the prompt runs past
-    no window (512), the sliding-window layers are checked on tiny models (test_architectures)."""
-    numpy_path, kernels = run.load(str(path)), run.load(str(path))
-    numpy_path.use_numba = False
-    ids = numpy_path.tokenize(PROMPTS[2] + " " + PROMPTS[1])
-    with torch.no_grad():
-        theirs = hf_model(torch.tensor([ids])).logits[0].numpy()
-    mine = numpy_path.logits(ids)
-    assert np.abs(mine - theirs).max() <= 5e-4  # measured 2e-5 on logits of magnitude 22
-    assert (mine.argmax(-1) == theirs.argmax(-1)).all()
-    if kernels.use_numba:
-        fast = kernels.session(exact=True).feed(ids, all_logits=True)
-        assert np.abs(fast - theirs).max() <= 1e-3 * np.abs(theirs).max()
-        assert (fast.argmax(-1) == theirs.argmax(-1)).all()
+def test_logits_match_transformers(path, hf_model, ours):
+    """Both paths (conftest); the prompt runs past no window (512): the sliding-window layers
+    are checked on tiny models (test_architectures)."""
+    check_real_model_logits(path, hf_model, ours.tokenize(PROMPTS[2] + " " + PROMPTS[1]))  # measured 2e-5
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_32_greedy_tokens_identical(ours, hf_model, hf_tokenizer, prompt):
-    ids = hf_tokenizer(prompt)["input_ids"]
-    assert ours.tokenize(prompt) == ids
-    with torch.no_grad():
-        x = torch.tensor([ids])
-        out = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    gen = ours.session().generate(ids, max_tokens=32, temperature=0)
-    text = "".join(gen)
-    mine = gen.tokens
-    assert mine == out[:len(mine)] and text == hf_tokenizer.decode(mine)
-    assert len(mine) == 32 or out[len(mine)] in ours.tokenizer.eog_ids
+    check_greedy_tokens(ours, hf_model, hf_tokenizer, prompt, pad_token_id=0)
 
 
 def test_tokenizer_matches_transformers_on_1000_strings(ours, hf_tokenizer):

@@ -3,11 +3,10 @@ loading the same GGUF file: logits, greedy generations, tokenization, chat templ
 
 import unicodedata
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import varied_strings
+from conftest import check_greedy_tokens, check_real_model_logits, varied_strings
 from twofile import run
 
 pytestmark = pytest.mark.slow
@@ -37,38 +36,13 @@ def hf_model(smollm2_path):
 
 
 def test_logits_match_transformers(smollm2_path, hf_model, hf_tokenizer):
-    """Both paths: numpy's float32 (the reference) and numba's kernels (16-bit activations)."""
-    ids = hf_tokenizer(PROMPTS[2] + " " + PROMPTS[1])["input_ids"]
-    with torch.no_grad():
-        theirs = hf_model(torch.tensor([ids])).logits[0].numpy()
-    numpy_path = run.load(smollm2_path)
-    numpy_path.use_numba = False
-    mine = numpy_path.logits(ids)
-    # float32 noise: the two sum in different orders over 30 layers; logits reach ~30
-    assert np.abs(mine - theirs).max() <= 5e-4
-    assert (mine.argmax(-1) == theirs.argmax(-1)).all()
-    kernels = run.load(smollm2_path)
-    if kernels.use_numba:
-        fast = kernels.session(exact=True).feed(ids, all_logits=True)
-        assert np.abs(fast - theirs).max() <= 1e-3 * np.abs(theirs).max()
-        assert (fast.argmax(-1) == theirs.argmax(-1)).all()
+    """Both paths (conftest); logits reach ~30."""
+    check_real_model_logits(smollm2_path, hf_model, hf_tokenizer(PROMPTS[2] + " " + PROMPTS[1])["input_ids"])
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_32_greedy_tokens_identical(ours, hf_model, hf_tokenizer, prompt):
-    ids = hf_tokenizer(prompt)["input_ids"]
-    assert ours.tokenize(prompt) == ids
-    with torch.no_grad():
-        # an explicit mask: otherwise transformers masks prompt tokens equal to the pad id (<|im_end|>)
-        x = torch.tensor([ids])
-        out = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False,
-                                eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
-    gen = ours.session().generate(ids, max_tokens=32, temperature=0)
-    text = "".join(gen)
-    mine = gen.tokens
-    # ours stops at end-of-turn; transformers was told not to, so compare up to it
-    assert mine == out[:len(mine)] and text == hf_tokenizer.decode(mine)
-    assert len(mine) == 32 or out[len(mine)] in ours.tokenizer.eog_ids
+    check_greedy_tokens(ours, hf_model, hf_tokenizer, prompt, pad_token_id=2)  # 2: <|im_end|>
 
 
 def test_tokenizer_matches_transformers_on_1000_strings(ours, hf_tokenizer):
