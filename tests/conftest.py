@@ -139,7 +139,8 @@ def random_blocks(qtype, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     Q = gguf.GGMLQuantizationType
     f16_fields = {Q.Q4_0: [0], Q.Q5_0: [0], Q.Q8_0: [0], Q.Q4_1: [0, 2], Q.Q5_1: [0, 2],
-                  Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [size - 2]}[qtype]
+                  Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [size - 2], Q.Q2_K: [size - 4, size - 2],
+                  Q.Q3_K: [size - 2], Q.IQ4_NL: [0], Q.IQ4_XS: [0]}[qtype]
     for off in f16_fields:
         raw[:, off:off + 2] = (rng.uniform(-0.02, 0.02, n_blocks).astype(np.float16).view(np.uint8)
                                .reshape(n_blocks, 2))

@@ -35,8 +35,8 @@ def test_f32_logits_match_transformers(tmp_path, bpe_tokenizer, tie):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K],
-                         ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+                                   Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS], ids=lambda q: q.name)
 def test_quantized_logits_match_transformers(tmp_path, bpe_tokenizer, qtype):
     # hidden and FFN sizes are multiples of 256 so that K-quants fit; transformers runs the
     # weights as gguf.quants decodes them, so only run.py's decoding and forward are tested
@@ -47,6 +47,10 @@ def test_quantized_logits_match_transformers(tmp_path, bpe_tokenizer, qtype):
     ids = list(np.random.default_rng(1).integers(0, 320, 24))
     ours, theirs = m.logits(ids), hf_logits(model, ids)
     assert np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+    # the kernels where they have the type; numpy for the types they lack, whatever is installed
+    default = run.load(path)
+    assert default.use_numba == (run.numba is not None and qtype in run.KERNEL_TYPES)
+    assert np.abs(default.logits(ids) - theirs).max() <= 1e-3 * max(1.0, np.abs(theirs).max())
 
 
 def test_kv_cache_decode_matches_full_pass(tiny_gguf):
@@ -111,11 +115,11 @@ def test_refuses_unsupported_tensor_type(tmp_path, bpe_tokenizer):
     data = bytearray(path.read_bytes())
     info = run.read_gguf(path).tensors["blk.0.attn_q.weight"]
     assert info.type == Q.F32
-    # rewrite the tensor's type id in the header (F32 -> Q2_K keeps the data size valid)
+    # rewrite the tensor's type id in the header (F32 -> IQ2_XXS keeps the data size valid)
     name = b"blk.0.attn_q.weight"
     at = data.index(name) + len(name) + 4 + 8 * 2  # n_dims u32, two u64 dims
     assert data[at:at + 4] == (0).to_bytes(4, "little")
-    data[at:at + 4] = int(Q.Q2_K).to_bytes(4, "little")
+    data[at:at + 4] = int(Q.IQ2_XXS).to_bytes(4, "little")
     path.write_bytes(bytes(data))
-    with pytest.raises(run.GGUFError, match="blk.0.attn_q.weight.*type Q2_K"):
+    with pytest.raises(run.GGUFError, match="blk.0.attn_q.weight.*type IQ2_XXS"):
         run.load(path)

@@ -352,6 +352,49 @@ def _dequant_q6_k(b):
     return (d * q).reshape(n, 256)
 
 
+def _crumbs(qs, n):
+    """Q2_K/Q3_K's 2-bit weights: each 32 bytes hold 4 groups of 32 weights (bits 0-1, 2-3, 4-5,
+    6-7 of each byte), as 16 groups of 16 (n, 16, 16)."""
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    return ((qs.reshape(n, -1, 1, 32) >> shifts) & 3).reshape(n, 16, 16)
+
+
+def _dequant_q2_k(b):  # 16 scale bytes (low nibble scale, high nibble min), 64 bytes of weights, d, dmin
+    n = b.shape[0]
+    scales = b[:, :16]
+    d = (_f16(b, 80) * (scales & 0x0F).astype(np.float32)).reshape(n, 16, 1)
+    m = (_f16(b, 82) * (scales >> 4).astype(np.float32)).reshape(n, 16, 1)
+    return (d * _crumbs(b[:, 16:80], n).astype(np.float32) - m).reshape(n, 256)
+
+
+def _dequant_q3_k(b):  # 32 bytes of third bits (set: no -4), 64 of 2-bit weights, 12 of 6-bit scales, d
+    n = b.shape[0]
+    low = (b[:, 96:104].reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
+    high = (b[:, 104:108].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)).reshape(n, 16)
+    scales = (((low & 0x0F) | ((high & 3) << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
+    d = (_f16(b, 108) * scales).reshape(n, 16, 1)
+    third = (b[:, :32].reshape(n, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
+    q = _crumbs(b[:, 32:96], n).astype(np.int8) - ((third.reshape(n, 16, 16) ^ 1) << 2).astype(np.int8)
+    return (d * q.astype(np.float32)).reshape(n, 256)
+
+
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+def _dequant_iq4_nl(b):  # d, then 16 bytes of 4-bit indices into IQ4_VALUES (as Q4_0's nibbles)
+    return _f16(b, 0) * IQ4_VALUES[_nibbles(b[:, 2:])].astype(np.float32)
+
+
+def _dequant_iq4_xs(b):  # d, 2 bytes of scales' high bits, 4 of their low nibbles, 8 x 16 bytes as IQ4_NL's
+    n = b.shape[0]
+    low = (b[:, 4:8].reshape(n, 4, 1) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2)).reshape(n, 8) & 0x0F
+    high = (b[:, 2:4].copy().view(np.uint16) >> (2 * np.arange(8, dtype=np.uint16))).astype(np.uint8) & 3
+    scales = ((low | (high << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
+    d = (_f16(b, 0) * scales).reshape(n, 8, 1)
+    q = IQ4_VALUES[_nibbles(b[:, 8:].reshape(n, 8, 16))].astype(np.float32)
+    return (d * q).reshape(n, 256)
+
+
 DEQUANTIZE = {
     GGMLType.F32: lambda b: b.view(np.float32),
     GGMLType.F16: lambda b: b.view(np.float16).astype(np.float32),
@@ -359,6 +402,8 @@ DEQUANTIZE = {
     GGMLType.Q4_0: _dequant_q4_0, GGMLType.Q4_1: _dequant_q4_1,
     GGMLType.Q5_0: _dequant_q5_0, GGMLType.Q5_1: _dequant_q5_1, GGMLType.Q8_0: _dequant_q8_0,
     GGMLType.Q4_K: _dequant_q4_k, GGMLType.Q5_K: _dequant_q5_k, GGMLType.Q6_K: _dequant_q6_k,
+    GGMLType.Q2_K: _dequant_q2_k, GGMLType.Q3_K: _dequant_q3_k,
+    GGMLType.IQ4_NL: _dequant_iq4_nl, GGMLType.IQ4_XS: _dequant_iq4_xs,
 }
 SUPPORTED_TYPES = ", ".join(t.name for t in DEQUANTIZE)
 
@@ -644,10 +689,12 @@ class Model:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         # generation runs on the compiled kernels when numba is there (tests set False to compare)
-        self.use_numba = numba is not None and _compile_kernels()
+        # the compiled kernels, when numba is there and has one for every matrix's type (tests set False)
+        matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
+        self.use_numba = (numba is not None and all(t.type in KERNEL_TYPES for t in matrices + [self.output])
+                          and _compile_kernels())
         self.threads = min(threads, numba.config.NUMBA_NUM_THREADS) if self.use_numba else threads
         if self.use_numba:
-            matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
             self._table = np.array([(t.offset, t.nbytes, t.shape[0], t.type) for t in matrices + [self.output]])
             self._norms = np.stack([np.stack([L.attn_norm, L.ffn_norm]) for L in self.layers]
                                    + [np.stack([self.output_norm, self.output_norm])]).astype(np.float32)
@@ -2321,6 +2368,8 @@ def _rows(w, ggml_type, x, xq, xd, xsum, out, first, last):
 # vector's result does not depend on its company. For the five 32-weight block types; for the
 # others, and the vectors left over from fours, the rows go one vector at a time while in cache.
 GROUPED = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
+# the types with a kernel (_rows); a file with others runs on numpy (Q2_K, Q3_K, IQ4_NL, IQ4_XS)
+KERNEL_TYPES = GROUPED + (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 
 
 @_jit
