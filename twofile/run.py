@@ -549,7 +549,7 @@ def _config(gguf: GGUFFile) -> Config:
             raise GGUFError(f"{path}: metadata gemma3.attention.sliding_window_pattern = {pattern!r:.40} is "
                             f"neither a count nor {n_layer} booleans")
         softcap = meta.get("gemma3.final_logit_softcapping", 0.0)
-        if softcap:
+        if not isinstance(softcap, (int, float)) or softcap:
             raise GGUFError(f"{path}: gemma3.final_logit_softcapping = {softcap!r:.40} is not supported")
         # llama.cpp's query scale: 1/sqrt(head size), but 1/sqrt(width / heads) for the 27B (62 layers)
         scale = 1.0 / np.sqrt(n_embd / n_head if n_layer == 62 else head_dim)
