@@ -6,7 +6,9 @@
 The default set: the default model (SmolLM2-135M-Instruct, Q4_1) and the same weights
 re-encoded as Q8_0, F16 and F32; then files with the shapes of Llama-3.2-1B (Q4_K/Q6_K mix as
 llama.cpp's Q4_K_M, and Q8_0) and Llama-2-7B (Q4_K) with random weights and a real-looking
-tokenizer section, built with the gguf package into ~/.cache/twofile/bench (about 6 GB, once).
+tokenizer section, built with the gguf package into ~/.cache/twofile/bench (about 6 GB, once);
+then other families: Gemma 3 270M (the real file, Q4_K_M) and random files with the shapes of
+Qwen2.5-0.5B and Qwen3-1.7B (Q4_K_M).
 
 For each file: load time (fresh process, kernels from numba's disk cache), prompt processing
 (512 tokens; 128 for files over 1 GB), generation (--gen-tokens; 16 for files over 1 GB),
@@ -106,7 +108,7 @@ def _random_quantized(qtype, rows: int, cols: int, rng) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = np.frombuffer(rng.bytes(rows * cols // block * size), np.uint8).reshape(-1, size).copy()
     Q = gguf.GGMLQuantizationType
-    for at in {Q.Q4_K: [0, 2], Q.Q6_K: [size - 2], Q.Q8_0: [0]}[qtype]:
+    for at in {Q.Q4_K: [0, 2], Q.Q6_K: [size - 2], Q.Q8_0: [0], Q.Q5_0: [0]}[qtype]:
         raw[:, at:at + 2] = np.array([0.002 if qtype != Q.Q8_0 else 0.0004], np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
 
@@ -157,32 +159,36 @@ def _add_tokenizer(writer, keys: dict):
             writer.add_array(key, value)
 
 
-SHAPES = {  # name: (layers, embd, heads, kv heads, ffn, vocab, tied, tokenizer)
-    "llama-3.2-1b": (16, 2048, 32, 8, 8192, 128256, True, "gpt2"),
-    "llama-2-7b": (32, 4096, 32, 32, 11008, 32000, False, "llama"),
+SHAPES = {  # name: (layers, embd, heads, kv heads, ffn, vocab, tied, tokenizer, architecture, head size)
+    "llama-3.2-1b": (16, 2048, 32, 8, 8192, 128256, True, "gpt2", "llama", 64),
+    "llama-2-7b": (32, 4096, 32, 32, 11008, 32000, False, "llama", "llama", 128),
+    "qwen2.5-0.5b": (24, 896, 14, 2, 4864, 151936, True, "gpt2", "qwen2", 64),     # q/k/v biases
+    "qwen3-1.7b": (28, 2048, 16, 8, 6144, 151936, True, "gpt2", "qwen3", 128),     # q/k norms
 }
 
 
 def synthetic(shape: str, mix: str, out: Path) -> Path:
     """A GGUF file with a real model's shapes and random weights. mix: 'q4_k_m' (Q4_K, with
     Q6_K for the output and, in the layers llama.cpp picks, attn_v and ffn_down), 'q4_k'
-    (Q4_K, Q6_K output) or 'q8_0'."""
+    (Q4_K, Q6_K output) or 'q8_0'. As llama.cpp does, a matrix whose rows are no multiple of
+    256 weights takes Q5_0 for Q4_K and Q8_0 for Q6_K (Qwen2.5-0.5B's width, 896)."""
     import gguf
 
     if out.exists():
         return out
     Q = gguf.GGMLQuantizationType
-    n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, tied, kind = SHAPES[shape]
+    n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, tied, kind, arch, head_dim = SHAPES[shape]
     rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(str(out) + ".tmp", "llama")
+    writer = gguf.GGUFWriter(str(out) + ".tmp", arch)
     writer.add_name(f"random {shape} {mix}")
     for key, value in (("context_length", 4096), ("embedding_length", n_embd), ("block_count", n_layer),
                        ("feed_forward_length", n_ff), ("attention.head_count", n_head),
-                       ("attention.head_count_kv", n_head_kv), ("rope.dimension_count", n_embd // n_head),
+                       ("attention.head_count_kv", n_head_kv), ("attention.key_length", head_dim),
+                       ("attention.value_length", head_dim), ("rope.dimension_count", head_dim),
                        ("vocab_size", n_vocab)):
-        writer.add_uint32(f"llama.{key}", value)
-    writer.add_float32("llama.rope.freq_base", 500000.0 if kind == "gpt2" else 10000.0)
-    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_float32(f"{arch}.rope.freq_base", 500000.0 if kind == "gpt2" else 10000.0)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     _add_tokenizer(writer, _tokenizer(n_vocab, kind))
 
     def more_bits(i):  # llama.cpp's use_more_bits(): first and last eighth, every third between
@@ -193,6 +199,8 @@ def synthetic(shape: str, mix: str, out: Path) -> Path:
         if mix != "q8_0" and (name == ("token_embd" if tied else "output") or
                               (mix == "q4_k_m" and name in ("attn_v", "ffn_down") and more_bits(layer))):
             qtype = Q.Q6_K
+        if cols % 256:
+            qtype = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}.get(qtype, qtype)
         full = f"blk.{layer}.{name}.weight" if layer is not None else f"{name}.weight"
         writer.add_tensor(full, _random_quantized(qtype, rows, cols, rng), raw_dtype=qtype)
 
@@ -200,12 +208,18 @@ def synthetic(shape: str, mix: str, out: Path) -> Path:
     writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
     if not tied:
         matrix("output", n_vocab, n_embd)
-    head_dim = n_embd // n_head
+    q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
     for i in range(n_layer):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
-        for name, rows, cols in (("attn_q", n_embd, n_embd), ("attn_k", n_head_kv * head_dim, n_embd),
-                                 ("attn_v", n_head_kv * head_dim, n_embd), ("attn_output", n_embd, n_embd),
+        if arch == "qwen2":
+            for name, n in (("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)):
+                writer.add_tensor(f"blk.{i}.{name}.bias", np.zeros(n, np.float32))
+        if arch == "qwen3":
+            for name in ("attn_q_norm", "attn_k_norm"):
+                writer.add_tensor(f"blk.{i}.{name}.weight", np.ones(head_dim, np.float32))
+        for name, rows, cols in (("attn_q", q_dim, n_embd), ("attn_k", kv_dim, n_embd),
+                                 ("attn_v", kv_dim, n_embd), ("attn_output", n_embd, q_dim),
                                  ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd), ("ffn_down", n_embd, n_ff)):
             matrix(name, rows, cols, i)
     _finish(writer, out)
@@ -224,6 +238,8 @@ def default_files() -> list[Path]:
     files += [synthetic("llama-3.2-1b", mix, folder / f"random-llama-3.2-1b.{mix.upper()}.gguf")
               for mix in ("q4_k_m", "q8_0")]
     files.append(synthetic("llama-2-7b", "q4_k", folder / "random-llama-2-7b.Q4_K.gguf"))
+    files.append(assets.fetch(assets.GEMMA3))
+    files += [synthetic(shape, "q4_k_m", folder / f"random-{shape}.Q4_K_M.gguf") for shape in ("qwen2.5-0.5b", "qwen3-1.7b")]
     return files
 
 
@@ -349,8 +365,9 @@ def chart(results: list[dict], bandwidth: float, out: Path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="*", help="GGUF files (default: the set described above)")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3, help="runs per measurement; medians reported (default: %(default)s)")
+    p.add_argument("--gen-tokens", type=int, default=128,
+                   help="tokens generated per run; 16 for files over 1 GB (default: %(default)s)")
     args = p.parse_args()
     files = [Path(m) for m in args.models] if args.models else default_files()
     print(f"machine: {machine()}")
