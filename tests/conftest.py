@@ -356,6 +356,16 @@ class Server:
         return self.proc.wait()
 
 
+def hf_gguf(path):
+    """(tokenizer, float32 model) of transformers loading a real GGUF file: the oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    return (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
+            AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval())
+
+
 def check_real_model_logits(path, hf_model, ids):
     """A real GGUF model's logits for ids against transformers' loading the same file, both
     paths: numpy's float32 (within 5e-4: the two sum in different orders over the layers) and

@@ -3,9 +3,8 @@ transformers loading the same GGUF file: logits on both paths, greedy generation
 tokenization of 1,000 varied strings with its 262,144-token SentencePiece vocabulary."""
 
 import pytest
-import torch
 
-from conftest import check_greedy_tokens, check_real_model_logits, varied_strings
+from conftest import check_greedy_tokens, check_real_model_logits, hf_gguf, varied_strings
 from twofile import assets, run
 
 pytestmark = pytest.mark.slow
@@ -24,18 +23,18 @@ def ours(path):
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+def hf(path):
+    return hf_gguf(path)
 
 
 @pytest.fixture(scope="module")
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
+def hf_tokenizer(hf):
+    return hf[0]
 
-    torch.set_num_threads(2)
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+@pytest.fixture(scope="module")
+def hf_model(hf):
+    return hf[1]
 
 
 def test_the_file_is_gemma3_with_its_windows(ours):

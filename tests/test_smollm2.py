@@ -4,9 +4,8 @@ loading the same GGUF file: logits, greedy generations, tokenization, chat templ
 import unicodedata
 
 import pytest
-import torch
 
-from conftest import check_greedy_tokens, check_real_model_logits, varied_strings
+from conftest import check_greedy_tokens, check_real_model_logits, hf_gguf, varied_strings
 from twofile import run
 
 pytestmark = pytest.mark.slow
@@ -20,19 +19,18 @@ def ours(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+def hf(smollm2_path):
+    return hf_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_path):
-    from transformers import AutoModelForCausalLM
+def hf_tokenizer(hf):
+    return hf[0]
 
-    torch.set_num_threads(2)
-    return AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                                dtype=torch.float32).eval()
+
+@pytest.fixture(scope="module")
+def hf_model(hf):
+    return hf[1]
 
 
 def test_logits_match_transformers(smollm2_path, hf_model, hf_tokenizer):

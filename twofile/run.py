@@ -772,8 +772,8 @@ class Model:
         q, k, v) -> (T, n_head * head_dim); the final normalized hidden states (T, n_embd)."""
         c = self.config
         T = len(tokens)
-        rotations = []
-        for inv_freq in (self.inv_freq, self.inv_freq_swa):
+        rotations = []  # [global layers'] + [sliding-window layers'] if there are any
+        for inv_freq in (self.inv_freq, self.inv_freq_swa)[:2 if c.swa_layers else 1]:
             angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
             rotations.append((np.cos(angles).astype(np.float32)[:, None, :],  # (T, 1, rope_dims/2)
                               np.sin(angles).astype(np.float32)[:, None, :]))
