@@ -4,9 +4,10 @@
     python bench/run_speed.py a.gguf b.gguf --runs 5 --gen-tokens 128
 
 The default set: the default model (SmolLM2-135M-Instruct, Q4_1) and the same weights
-re-encoded as Q8_0, F16 and F32; then files with the shapes of Llama-3.2-1B (Q4_K/Q6_K mix as
-llama.cpp's Q4_K_M, and Q8_0) and Llama-2-7B (Q4_K) with random weights and a real-looking
-tokenizer section, built with the gguf package into ~/.cache/twofile/bench (about 6 GB, once);
+re-encoded as Q8_0, F16 and F32; then files with the shapes of Llama-3.2-1B (the tensor types
+of llama.cpp's presets Q4_K_M, Q8_0, Q3_K_M, Q2_K and IQ4_XS) and Llama-2-7B (Q4_K) with random
+weights and a real-looking tokenizer section, built with the gguf package into
+~/.cache/twofile/bench (about 8 GB, once);
 then other families: Gemma 3 270M (the real file, Q4_K_M) and random files with the shapes of
 Qwen2.5-0.5B and Qwen3-1.7B (Q4_K_M).
 
@@ -108,7 +109,9 @@ def _random_quantized(qtype, rows: int, cols: int, rng) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = np.frombuffer(rng.bytes(rows * cols // block * size), np.uint8).reshape(-1, size).copy()
     Q = gguf.GGMLQuantizationType
-    for at in {Q.Q4_K: [0, 2], Q.Q6_K: [size - 2], Q.Q8_0: [0], Q.Q5_0: [0]}[qtype]:
+    scales = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.IQ4_NL: [0], Q.IQ4_XS: [0], Q.Q2_K: [80, 82],
+              Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+    for at in scales[qtype]:
         raw[:, at:at + 2] = np.array([0.002 if qtype != Q.Q8_0 else 0.0004], np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
 
@@ -167,16 +170,49 @@ SHAPES = {  # name: (layers, embd, heads, kv heads, ffn, vocab, tied, tokenizer,
 }
 
 
+MIXES = ("q8_0", "q4_k", "q4_k_m", "q3_k_m", "q2_k", "iq4_xs")
+
+
+def preset_type(mix: str, name: str, layer: int | None, n_layer: int, n_gqa: int, tied: bool, cols: int):
+    """The tensor type llama.cpp's quantizer (llama_tensor_get_type, no imatrix) gives a
+    matrix of a llama-like model under preset `mix`; 'q4_k' is plain Q4_K with a Q6_K output."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if mix == "q8_0":
+        return Q.Q8_0
+
+    def more_bits(i):  # llama.cpp's use_more_bits(): first and last eighth, every third between
+        return i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2
+
+    base = {"q4_k": Q.Q4_K, "q4_k_m": Q.Q4_K, "q3_k_m": Q.Q3_K, "q2_k": Q.Q2_K, "iq4_xs": Q.IQ4_XS}[mix]
+    if name == ("token_embd" if tied else "output"):
+        qtype = Q.Q6_K if cols % 256 == 0 else Q.Q8_0
+        return qtype
+    qtype = base
+    if name == "attn_v":
+        qtype = {"q2_k": Q.Q4_K if n_gqa >= 4 else Q.Q3_K, "q3_k_m": Q.Q5_K if layer < 2 else Q.Q4_K,
+                 "iq4_xs": Q.Q5_K if n_gqa >= 4 else base,
+                 "q4_k_m": Q.Q6_K if more_bits(layer) else base}.get(mix, base)
+    elif name == "ffn_down":
+        qtype = {"q2_k": Q.Q3_K, "q3_k_m": Q.Q5_K if layer < n_layer // 16 else Q.Q4_K,
+                 "iq4_xs": Q.Q5_K if layer < n_layer // 8 else base,
+                 "q4_k_m": Q.Q6_K if more_bits(layer) else base}.get(mix, base)
+    elif name == "attn_output":
+        qtype = {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K}.get(mix, base)
+    if cols % 256:  # rows that 256-weight blocks do not fit: llama.cpp's fallbacks
+        qtype = {Q.IQ4_XS: Q.IQ4_NL, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
+                 Q.Q6_K: Q.Q8_0}.get(qtype, qtype)
+    return qtype
+
+
 def synthetic(shape: str, mix: str, out: Path) -> Path:
-    """A GGUF file with a real model's shapes and random weights. mix: 'q4_k_m' (Q4_K, with
-    Q6_K for the output and, in the layers llama.cpp picks, attn_v and ffn_down), 'q4_k'
-    (Q4_K, Q6_K output) or 'q8_0'. As llama.cpp does, a matrix whose rows are no multiple of
-    256 weights takes Q5_0 for Q4_K and Q8_0 for Q6_K (Qwen2.5-0.5B's width, 896)."""
+    """A GGUF file with a real model's shapes and random weights, its types as llama.cpp's
+    preset `mix` (one of MIXES) picks them (see preset_type)."""
     import gguf
 
     if out.exists():
         return out
-    Q = gguf.GGMLQuantizationType
     n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, tied, kind, arch, head_dim = SHAPES[shape]
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(out) + ".tmp", arch)
@@ -191,16 +227,8 @@ def synthetic(shape: str, mix: str, out: Path) -> Path:
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     _add_tokenizer(writer, _tokenizer(n_vocab, kind))
 
-    def more_bits(i):  # llama.cpp's use_more_bits(): first and last eighth, every third between
-        return i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2
-
     def matrix(name, rows, cols, layer=None):
-        qtype = Q.Q8_0 if mix == "q8_0" else Q.Q4_K
-        if mix != "q8_0" and (name == ("token_embd" if tied else "output") or
-                              (mix == "q4_k_m" and name in ("attn_v", "ffn_down") and more_bits(layer))):
-            qtype = Q.Q6_K
-        if cols % 256:
-            qtype = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}.get(qtype, qtype)
+        qtype = preset_type(mix, name, layer, n_layer, n_head // n_head_kv, tied, cols)
         full = f"blk.{layer}.{name}.weight" if layer is not None else f"{name}.weight"
         writer.add_tensor(full, _random_quantized(qtype, rows, cols, rng), raw_dtype=qtype)
 
@@ -237,6 +265,8 @@ def default_files() -> list[Path]:
                         for q in (Q.Q8_0, Q.F16, Q.F32)]
     files += [synthetic("llama-3.2-1b", mix, folder / f"random-llama-3.2-1b.{mix.upper()}.gguf")
               for mix in ("q4_k_m", "q8_0")]
+    files += [synthetic("llama-3.2-1b", mix, folder / f"random-llama-3.2-1b.{mix.upper()}.gguf")
+              for mix in ("q3_k_m", "q2_k", "iq4_xs")]
     files.append(synthetic("llama-2-7b", "q4_k", folder / "random-llama-2-7b.Q4_K.gguf"))
     files.append(assets.fetch(assets.GEMMA3))
     files += [synthetic(shape, "q4_k_m", folder / f"random-{shape}.Q4_K_M.gguf") for shape in ("qwen2.5-0.5b", "qwen3-1.7b")]

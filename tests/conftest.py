@@ -141,8 +141,11 @@ def random_blocks(qtype, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
     f16_fields = {Q.Q4_0: [0], Q.Q5_0: [0], Q.Q8_0: [0], Q.Q4_1: [0, 2], Q.Q5_1: [0, 2],
                   Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [size - 2], Q.Q2_K: [size - 4, size - 2],
                   Q.Q3_K: [size - 2], Q.IQ4_NL: [0], Q.IQ4_XS: [0]}[qtype]
+    # IQ4's integers reach 127 (IQ4_XS's times 6-bit scales), Q4_0's 8: smaller scales keep a
+    # random model's weights near Q4_0's (std 0.05), and its activations tame
+    bound = 0.02 / {Q.IQ4_NL: 16, Q.IQ4_XS: 256}.get(qtype, 1)
     for off in f16_fields:
-        raw[:, off:off + 2] = (rng.uniform(-0.02, 0.02, n_blocks).astype(np.float16).view(np.uint8)
+        raw[:, off:off + 2] = (rng.uniform(-bound, bound, n_blocks).astype(np.float16).view(np.uint8)
                                .reshape(n_blocks, 2))
     return raw
 

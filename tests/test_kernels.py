@@ -16,7 +16,7 @@ from twofile import run
 
 Q = gguf.GGMLQuantizationType
 FLOATS = [Q.F32, Q.F16, Q.BF16]
-QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS]
 
 pytestmark = pytest.mark.skipif(run.numba is None, reason="numba is not installed")
 
@@ -254,3 +254,46 @@ def test_numba_of_another_api_falls_back_at_import(tmp_path, tiny_gguf):
     assert r.stdout.split() == ["True", "3", "False"]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run.py: numba 0.0-stub does not fit run.py's kernels")
+
+
+def test_kernels_on_a_cpu_without_f16c_or_pshufb(tmp_path):
+    """On a plain x86-64 (numba told the target is generic, SSE2 only) the kernels convert
+    halves with integer arithmetic and look IQ4 values up with selects: every half bit pattern
+    converts as numpy's, and the products of the types that use them match gguf.quants'."""
+    code = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from conftest import gguf, random_blocks
+from twofile import run
+bits = np.arange(1 << 16, dtype=np.uint16)
+ours = np.empty(1 << 16, np.float32)
+
+@run.numba.njit
+def decode(raw, out):
+    for i in range(out.shape[0]):
+        out[i] = run._half(raw, 2 * i)
+
+decode(bits.view(np.uint8), ours)
+theirs = bits.view(np.float16).astype(np.float32)
+same = np.array_equal(ours.view(np.uint32)[~np.isnan(theirs)], theirs.view(np.uint32)[~np.isnan(theirs)])
+print("halves", 0.0 if same and np.array_equal(np.isnan(ours), np.isnan(theirs)) else 1.0)
+rng = np.random.default_rng(9)
+Q = gguf.GGMLQuantizationType
+for qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.Q4_K, Q.Q2_K):
+    raw = random_blocks(qtype, 37 * 512 // gguf.GGML_QUANT_SIZES[qtype][0], rng).reshape(37, -1)
+    w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    out = np.full((5, 37), np.nan, np.float32)
+    run._matmul(raw, int(qtype), x, *run._quantize(x), out, 3)
+    scale = (np.abs(x).astype(np.float64) @ np.abs(w).T).max()
+    print(qtype.name, float(np.abs(out - x.astype(np.float64) @ w.T).max() / scale))
+"""
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CPU_FEATURES": "+64bit,+sse,+sse2",
+           "NUMBA_CACHE_DIR": str(tmp_path)}  # a cache of its own: kernels compiled for this target
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    errors = {name: float(e) for name, e in (line.split() for line in r.stdout.splitlines())}
+    assert set(errors) == {"halves", "IQ4_NL", "IQ4_XS", "Q4_K", "Q2_K"}, r.stdout
+    assert errors.pop("halves") == 0.0 and all(e <= 5e-5 for e in errors.values()), errors

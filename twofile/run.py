@@ -39,6 +39,7 @@ import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -688,7 +689,6 @@ class Model:
         threads = default_threads() if threads is None else threads
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
-        # generation runs on the compiled kernels when numba is there (tests set False to compare)
         # the compiled kernels, when numba is there and has one for every matrix's type (tests set False)
         matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
         self.use_numba = (numba is not None and all(t.type in KERNEL_TYPES for t in matrices + [self.output])
@@ -1935,6 +1935,27 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
             kind = element if n is None else _vec(element, n)
             return builder.load(builder.bitcast(builder.gep(data, [index]), kind.as_pointer()), align=1)
 
+        def _load_half(context, builder, array_type, array, index):
+            """The IEEE half at byte index of array, as float32: one conversion instruction where
+            the CPU has one (F16C), else integer arithmetic (LLVM would call a runtime function
+            that numba does not link, and abort)."""
+            if "+f16c" in getattr(context.codegen(), "_tm_features", "").split(","):
+                return builder.fpext(_load(context, builder, array_type, array, index, _ir.HalfType()), _F32)
+            bits = builder.zext(_load(context, builder, array_type, array, index, _I16), _I32)
+
+            def const(v):
+                return _ir.Constant(_I32, v)
+
+            # exponent and mantissa moved to float32's places, then scaled by 2^112 (the exponent
+            # biases' difference): exact for normal and subnormal halves; inf and nan keep their
+            # all-ones exponent
+            magnitude = builder.shl(builder.and_(bits, const(0x7FFF)), const(13))
+            value = builder.bitcast(builder.fmul(builder.bitcast(magnitude, _F32),
+                                                 builder.bitcast(const(0x77800000), _F32)), _I32)
+            special = builder.icmp_unsigned(">=", builder.and_(bits, const(0x7FFF)), const(0x7C00))
+            value = builder.select(special, builder.or_(magnitude, const(0x7F800000)), value)
+            return builder.bitcast(builder.or_(value, builder.shl(builder.and_(bits, const(0x8000)), const(16))), _F32)
+
         def _splat(builder, value, n, mask=None):
             """n copies of a scalar (or, with mask, of the elements of a vector that mask picks)."""
             if mask is None:
@@ -2001,7 +2022,7 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
         def _half(typingctx, w, o):
             """The IEEE half at bytes o, o+1 of w, as float32."""
             def codegen(context, builder, signature, args):
-                return builder.fpext(_load(context, builder, signature.args[0], *args, _ir.HalfType()), _F32)
+                return _load_half(context, builder, signature.args[0], *args)
             return numba.types.float32(w, o), codegen
 
         @_intrinsic
@@ -2100,8 +2121,7 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
                 def const8(v):
                     return _ir.Constant(i8x8, [v] * 8)
 
-                d = builder.fpext(_load(context, builder, wt, w_, o_, _ir.HalfType()), _F32)
-                dmin = builder.fpext(_load(context, builder, wt, w_, at(o_, 2), _ir.HalfType()), _F32)
+                d, dmin = _load_half(context, builder, wt, w_, o_), _load_half(context, builder, wt, w_, at(o_, 2))
                 packed = _load(context, builder, wt, w_, at(o_, 4), _I8, 16)  # 12 scale bytes (+4 unused)
                 # sub-block j < 4: scale = b[j] & 63, min = b[j+4] & 63; j >= 4: the low (scale) or
                 # high (min) nibble of b[j+4], plus the top two bits of b[j-4] (scale) or b[j] (min)
@@ -2156,7 +2176,7 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
                 def const(v):
                     return _ir.Constant(i8x32, [v] * 32)
 
-                d = builder.fpext(_load(context, builder, wt, w_, at(o_, 208), _ir.HalfType()), _F32)
+                d = _load_half(context, builder, wt, w_, at(o_, 208))
                 f32x16 = _vec(_F32, 16)
                 scales = builder.sitofp(_load(context, builder, wt, w_, at(o_, 192), _I8, 16), f32x16)
                 xd8 = _float_vector(context, builder, ft, xd_, s_, 8)  # one per 32 weights: two scales each
@@ -2188,6 +2208,172 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
                 return _accumulate(context, builder, acc_, q, True, zero, signature.args[3], xq_, xo_,
                                    _splat(builder, scale_, 16))
             return _lanes(acc, w, o, xq, xo, scale), codegen
+
+        def _lookup16(context, builder, table, index):
+            """table[index] for 32 byte indices (0-15) into 16 byte values: one byte shuffle
+            (pshufb) where the CPU has one, else a tree of selects on the index's bits."""
+            i8x16, i8x32 = _vec(_I8, 16), _vec(_I8, 32)
+            features = getattr(context.codegen(), "_tm_features", "").split(",")
+            if "+avx2" in features:  # shuffles each 16-byte half by itself: the table in both
+                shuffle = builder.module.declare_intrinsic("llvm.x86.avx2.pshuf.b",
+                                                           fnty=_ir.FunctionType(i8x32, [i8x32, i8x32]))
+                return builder.call(shuffle, [_ir.Constant(i8x32, table * 2), index])
+            if "+ssse3" in features:
+                shuffle = builder.module.declare_intrinsic("llvm.x86.ssse3.pshuf.b.128",
+                                                           fnty=_ir.FunctionType(i8x16, [i8x16, i8x16]))
+                halves = [builder.call(shuffle, [_ir.Constant(i8x16, table), builder.shuffle_vector(
+                    index, index, _ir.Constant(_vec(_I32, 16), list(range(h, h + 16))))]) for h in (0, 16)]
+                return builder.shuffle_vector(*halves, _ir.Constant(_vec(_I32, 32), list(range(32))))
+            values = [_ir.Constant(i8x32, [v] * 32) for v in table]
+            for bit in range(4):  # halve the candidates on each bit, lowest first
+                is_set = builder.icmp_unsigned("!=", builder.and_(index, _ir.Constant(i8x32, [1 << bit] * 32)),
+                                               _ir.Constant(i8x32, [0] * 32))
+                values = [builder.select(is_set, values[i + 1], values[i]) for i in range(0, len(values), 2)]
+            return values[0]
+
+        def _iq4_values(context, builder, packed):
+            """An IQ4 block's 32 weights as signed bytes: its 16 bytes `packed` hold the indices
+            into IQ4_VALUES of weights j (low nibble) and j+16 (high nibble)."""
+            i8x16 = _vec(_I8, 16)
+            index = builder.shuffle_vector(builder.and_(packed, _ir.Constant(i8x16, [15] * 16)),
+                                           builder.lshr(packed, _ir.Constant(i8x16, [4] * 16)),
+                                           _ir.Constant(_vec(_I32, 32), list(range(32))))
+            return _lookup16(context, builder, [int(v) for v in IQ4_VALUES], index)
+
+        def _iq4_bytes(context, builder, wt, w_, o_):
+            """The IQ4 block at byte o of w (see _iq4_values)."""
+            return _iq4_values(context, builder, _load(context, builder, wt, w_, o_, _I8, 16))
+
+        @_intrinsic
+        def _add_iq4(typingctx, acc, w, o, xq, xo, scale):
+            """Lanes += scale * block . xq[xo:xo+32] for 32 IQ4 weights at o (see _iq4_bytes)."""
+            def codegen(context, builder, signature, args):
+                acc_, w_, o_, xq_, xo_, scale_ = args
+                q = _iq4_bytes(context, builder, signature.args[1], w_, o_)
+                zero = _ir.Constant(_ir.IntType(64), 0)
+                return _accumulate(context, builder, acc_, q, True, zero, signature.args[3], xq_, xo_,
+                                   _splat(builder, scale_, 16))
+            return _lanes(acc, w, o, xq, xo, scale), codegen
+
+        @_intrinsic
+        def _unpack_iq4(typingctx, w, o):
+            """32 IQ4 weights at o (see _iq4_bytes), for several _multiply_adds."""
+            def codegen(context, builder, signature, args):
+                q = _iq4_bytes(context, builder, signature.args[0], args[0], args[1])
+                return _widen(builder, q, True, _ir.Constant(_ir.IntType(64), 0))
+            return _quants(w, o), codegen
+
+        def _bytes_at(builder, v, picks, shifts, mask):
+            """(v[picks[i]] >> shifts[i]) & mask: bytes of v rearranged into len(picks) lanes."""
+            n = len(picks)
+            v = builder.shuffle_vector(v, v, _ir.Constant(_vec(_I32, n), picks))
+            return builder.and_(builder.lshr(v, _ir.Constant(_vec(_I8, n), shifts)), _ir.Constant(_vec(_I8, n), [mask] * n))
+
+        def _block_codegen(body):
+            """codegen for a 256-weight block at byte o, times x[32s:32s+256]: body(k, acc) -> lanes,
+            with k's helpers: k.load(delta, n), n bytes at o + delta; k.half(delta), the f16 there;
+            k.accumulate(acc, q, signed, offset, g, lanes), acc + lanes * the pairwise sums of
+            (q - offset) * x's group g (q: 32 weights as bytes; group g: x[32(s+g):32(s+g+1)]);
+            k.madd(acc, q16, g, lanes), the same for weights already 16-bit; k.scales16(v, d,
+            signed), 16 integer scales (one per 16 weights) times d and x's block scales;
+            k.group(scales, g), the two of group g in the 16 lanes."""
+            def codegen(context, builder, signature, args):
+                acc_, w_, o_, xq_, xd_, s_ = args
+                wt, xt, ft = signature.args[1], signature.args[3], signature.args[4]
+                xo = builder.mul(s_, _ir.Constant(s_.type, 32))
+                xd8 = _float_vector(context, builder, ft, xd_, s_, 8)
+
+                def at(delta):
+                    return builder.add(o_, _ir.Constant(o_.type, delta))
+
+                def x_at(g):
+                    return builder.add(xo, _ir.Constant(xo.type, 32 * g))
+
+                def scales16(v, d, signed=False):
+                    xd16 = builder.shuffle_vector(xd8, xd8, _ir.Constant(_vec(_I32, 16), [i // 2 for i in range(16)]))
+                    f = (builder.sitofp if signed else builder.uitofp)(v, _vec(_F32, 16))
+                    return builder.fmul(builder.fmul(f, _splat(builder, d, 16)), xd16)
+
+                k = SimpleNamespace(
+                    context=context, builder=builder,
+                    load=lambda delta, n: _load(context, builder, wt, w_, at(delta), _I8, n),
+                    half=lambda delta: _load_half(context, builder, wt, w_, at(delta)),
+                    accumulate=lambda acc, q, signed, offset, g, lanes: _accumulate(
+                        context, builder, acc, q, signed, _ir.Constant(_ir.IntType(64), offset), xt, xq_, x_at(g), lanes),
+                    madd=lambda acc, q16, g, lanes: _multiply_add(context, builder, acc, q16, xt, xq_, x_at(g), lanes),
+                    scales16=scales16,
+                    group=lambda scales, g: builder.shuffle_vector(
+                        scales, scales, _ir.Constant(_vec(_I32, 16), [2 * g] * 8 + [2 * g + 1] * 8)))
+                return body(k, acc_)
+            return codegen
+
+        def _crumbs_of(builder, packed, j):
+            """Bits 2j, 2j+1 of 32 bytes: 32 two-bit weights of Q2_K or Q3_K."""
+            i8x32 = _vec(_I8, 32)
+            return builder.and_(builder.lshr(packed, _ir.Constant(i8x32, [2 * j] * 32)), _ir.Constant(i8x32, [3] * 32))
+
+        @_intrinsic
+        def _add_q2_k_block(typingctx, acc, w, o, xq, xd, s):
+            """Lanes += one 256-weight Q2_K block at byte o: 16 scale bytes (low nibble: scale,
+            high: min, one per 16 weights), 64 bytes of 2-bit weights, d, dmin. Group g = 4n + j
+            (32 weights) is bits 2j, 2j+1 of the 32 bytes at 16 + 32n; weight = d*scale*q - dmin*min."""
+            def body(k, acc):
+                b = k.builder
+                packed = k.load(0, 16)
+                scales = k.scales16(b.and_(packed, _ir.Constant(_vec(_I8, 16), [15] * 16)), k.half(80))
+                mins = k.scales16(b.lshr(packed, _ir.Constant(_vec(_I8, 16), [4] * 16)), b.fneg(k.half(82)))
+                ones = _ir.Constant(_vec(_I16, 32), [1] * 32)
+                for n in range(2):
+                    weights = k.load(16 + 32 * n, 32)
+                    for j in range(4):
+                        g = 4 * n + j
+                        acc = k.accumulate(acc, _crumbs_of(b, weights, j), False, 0, g, k.group(scales, g))
+                        # the mins: x's sums per 16 weights times -dmin * min (faster, measured, than
+                        # the mins as 16-bit weights of a second multiply-add)
+                        acc = k.madd(acc, ones, g, k.group(mins, g))
+                return acc
+            return _lanes(acc, w, o, xq, xd, s), _block_codegen(body)
+
+        @_intrinsic
+        def _add_q3_k_block(typingctx, acc, w, o, xq, xd, s):
+            """Lanes += one 256-weight Q3_K block at byte o: 32 bytes of third bits (bit g of byte l:
+            weight l of group g), 64 bytes of 2-bit weights as Q2_K's, 12 bytes of 16 six-bit
+            scales (low nibbles from bytes 96 + i % 8, high bits from 104 + i % 4), minus 32, d.
+            weight = d * scale * (q - 4), q with its third bit."""
+            def body(k, acc):
+                b, i8x16, i8x32 = k.builder, _vec(_I8, 16), _vec(_I8, 32)
+                low = _bytes_at(b, k.load(96, 8), [i % 8 for i in range(16)], [4 * (i // 8) for i in range(16)], 15)
+                high = _bytes_at(b, k.load(104, 4), [i % 4 for i in range(16)], [2 * (i // 4) for i in range(16)], 3)
+                six = b.or_(low, b.shl(high, _ir.Constant(i8x16, [4] * 16)))
+                scales = k.scales16(b.sub(six, _ir.Constant(i8x16, [32] * 16)), k.half(108), signed=True)
+                thirds = k.load(0, 32)
+                for n in range(2):
+                    weights = k.load(32 + 32 * n, 32)
+                    for j in range(4):
+                        g = 4 * n + j
+                        third = b.and_(b.lshr(thirds, _ir.Constant(i8x32, [g] * 32)), _ir.Constant(i8x32, [1] * 32))
+                        q = b.or_(_crumbs_of(b, weights, j), b.shl(third, _ir.Constant(i8x32, [2] * 32)))
+                        acc = k.accumulate(acc, q, False, 4, g, k.group(scales, g))
+                return acc
+            return _lanes(acc, w, o, xq, xd, s), _block_codegen(body)
+
+        @_intrinsic
+        def _add_iq4_xs_block(typingctx, acc, w, o, xq, xd, s):
+            """Lanes += one 256-weight IQ4_XS block at byte o: d, 2 bytes of the 8 scales' high
+            bits (2 each), 4 bytes of their low nibbles, then 8 groups of 16 bytes as IQ4_NL's;
+            weight = d * (scale - 32) * IQ4_VALUES[index]."""
+            def body(k, acc):
+                b, i8x16 = k.builder, _vec(_I8, 16)
+                # each scale twice (k.scales16 takes one per 16 weights)
+                low = _bytes_at(b, k.load(4, 4), [i // 4 for i in range(16)], [4 * ((i // 2) % 2) for i in range(16)], 15)
+                high = _bytes_at(b, k.load(2, 2), [i // 8 for i in range(16)], [2 * ((i // 2) % 4) for i in range(16)], 3)
+                six = b.or_(low, b.shl(high, _ir.Constant(i8x16, [4] * 16)))
+                scales = k.scales16(b.sub(six, _ir.Constant(i8x16, [32] * 16)), k.half(0), signed=True)
+                for g in range(8):
+                    acc = k.accumulate(acc, _iq4_values(k.context, b, k.load(8 + 16 * g, 16)), True, 0, g,
+                                       k.group(scales, g))
+                return acc
+            return _lanes(acc, w, o, xq, xd, s), _block_codegen(body)
 
         # reassociation lets float sums use vector lanes; no 'no-inf/no-nan' assumptions (exp overflows)
         _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -2321,6 +2507,45 @@ def _row_q6_k(w, o, xq, xd, xsum):  # 210 bytes per 256 weights (see _add_q6_k_b
 
 
 @_jit
+def _row_q2_k(w, o, xq, xd, xsum):  # 84 bytes per 256 weights (see _add_q2_k_block)
+    acc = _zeros()
+    for b in range(xq.shape[0] // 256):
+        _prefetch(w, o + 84 * b + PREFETCH)
+        _prefetch(w, o + 84 * b + 64 + PREFETCH)
+        acc = _add_q2_k_block(acc, w, o + 84 * b, xq, xd, 8 * b)
+    return _total(acc)
+
+
+@_jit
+def _row_q3_k(w, o, xq, xd, xsum):  # 110 bytes per 256 weights (see _add_q3_k_block)
+    acc = _zeros()
+    for b in range(xq.shape[0] // 256):
+        _prefetch(w, o + 110 * b + PREFETCH)
+        _prefetch(w, o + 110 * b + 64 + PREFETCH)
+        acc = _add_q3_k_block(acc, w, o + 110 * b, xq, xd, 8 * b)
+    return _total(acc)
+
+
+@_jit
+def _row_iq4_nl(w, o, xq, xd, xsum):  # 18 bytes: d, 16 bytes of indices into IQ4_VALUES
+    acc = _zeros()
+    for b in range(xq.shape[0] // 32):
+        _prefetch(w, o + 18 * b + PREFETCH)
+        acc = _add_iq4(acc, w, o + 18 * b + 2, xq, 32 * b, _half(w, o + 18 * b) * xd[b])
+    return _total(acc)
+
+
+@_jit
+def _row_iq4_xs(w, o, xq, xd, xsum):  # 136 bytes per 256 weights (see _add_iq4_xs_block)
+    acc = _zeros()
+    for b in range(xq.shape[0] // 256):
+        for line in range(0, 136, 64):
+            _prefetch(w, o + 136 * b + line + PREFETCH)
+        acc = _add_iq4_xs_block(acc, w, o + 136 * b, xq, xd, 8 * b)
+    return _total(acc)
+
+
+@_jit
 def _rows(w, ggml_type, x, xq, xd, xsum, out, first, last):
     """out[r] = row r of w . x for first <= r < last; one type test per call, not per row. Rows
     are addressed flat from their first byte (a slice w[r] per row would update the array's
@@ -2358,6 +2583,18 @@ def _rows(w, ggml_type, x, xq, xd, xsum, out, first, last):
     elif ggml_type == GGMLType.Q6_K:
         for r in range(first, last):
             out[r] = _row_q6_k(w, r * w.shape[1], xq, xd, xsum)
+    elif ggml_type == GGMLType.Q2_K:
+        for r in range(first, last):
+            out[r] = _row_q2_k(w, r * w.shape[1], xq, xd, xsum)
+    elif ggml_type == GGMLType.Q3_K:
+        for r in range(first, last):
+            out[r] = _row_q3_k(w, r * w.shape[1], xq, xd, xsum)
+    elif ggml_type == GGMLType.IQ4_NL:
+        for r in range(first, last):
+            out[r] = _row_iq4_nl(w, r * w.shape[1], xq, xd, xsum)
+    elif ggml_type == GGMLType.IQ4_XS:
+        for r in range(first, last):
+            out[r] = _row_iq4_xs(w, r * w.shape[1], xq, xd, xsum)
     else:  # Model refuses such files at load; never read bytes as a type they are not
         raise ValueError("no kernel for this tensor type")
 
@@ -2367,9 +2604,10 @@ def _rows(w, ggml_type, x, xq, xd, xsum, out, first, last):
 # on each other). Same arithmetic as the one-vector functions above, in the same order, so a
 # vector's result does not depend on its company. For the five 32-weight block types; for the
 # others, and the vectors left over from fours, the rows go one vector at a time while in cache.
-GROUPED = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1)
-# the types with a kernel (_rows); a file with others runs on numpy (Q2_K, Q3_K, IQ4_NL, IQ4_XS)
-KERNEL_TYPES = GROUPED + (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+GROUPED = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.IQ4_NL)
+# the types with a kernel (_rows): all that run.py reads (a file with another would run on numpy)
+KERNEL_TYPES = GROUPED + (GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+                          GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_XS)
 
 
 @_jit
@@ -2415,6 +2653,10 @@ def _row4(w, ggml_type, xq, xd, xsum, out, r, s):
             _prefetch(w, o + 22 * b + PREFETCH)
             a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_nibbles(w, o + 22 * b + 6, o + 22 * b + 2, 16),
                                     _half(w, o + 22 * b), xq, xd, s, b)
+    elif ggml_type == GGMLType.IQ4_NL:
+        for b in range(blocks):
+            _prefetch(w, o + 18 * b + PREFETCH)
+            a0, a1, a2, a3 = _madd4(a0, a1, a2, a3, _unpack_iq4(w, o + 18 * b + 2), _half(w, o + 18 * b), xq, xd, s, b)
     else:
         for b in range(blocks):
             _prefetch(w, o + 24 * b + PREFETCH)
