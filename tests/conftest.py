@@ -4,6 +4,7 @@ independent writer), tokenizers trained by Hugging Face `tokenizers`, varied tes
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 
@@ -141,9 +142,11 @@ def random_blocks(qtype, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
     f16_fields = {Q.Q4_0: [0], Q.Q5_0: [0], Q.Q8_0: [0], Q.Q4_1: [0, 2], Q.Q5_1: [0, 2],
                   Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [size - 2], Q.Q2_K: [size - 4, size - 2],
                   Q.Q3_K: [size - 2], Q.IQ4_NL: [0], Q.IQ4_XS: [0]}[qtype]
-    # IQ4's integers reach 127 (IQ4_XS's times 6-bit scales), Q4_0's 8: smaller scales keep a
-    # random model's weights near Q4_0's (std 0.05), and its activations tame
-    bound = 0.02 / {Q.IQ4_NL: 16, Q.IQ4_XS: 256}.get(qtype, 1)
+    # the integers times their sub-block scales reach 8 in Q4_0, but 127 in IQ4_NL, 4000 in
+    # Q6_K: smaller block scales keep a random model's weights near Q4_0's (std 0.05) and its
+    # activations tame (random bytes otherwise give weights of std up to 16)
+    bound = 0.02 / {Q.IQ4_NL: 16, Q.IQ4_XS: 256, Q.Q2_K: 4, Q.Q3_K: 8, Q.Q4_K: 64, Q.Q5_K: 128,
+                    Q.Q6_K: 256}.get(qtype, 1)
     for off in f16_fields:
         raw[:, off:off + 2] = (rng.uniform(-bound, bound, n_blocks).astype(np.float16).view(np.uint8)
                                .reshape(n_blocks, 2))
@@ -164,28 +167,33 @@ def encode_tensor(w: np.ndarray, qtype, rng) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tiny_llama(tie: bool, n_head=4, n_head_kv=2, hidden=64, ff=96, layers=2, vocab=320, seed=0, ctx=128,
-               arch="llama", head_dim=None):
+               arch="llama", head_dim=None, config=None):
     """A tiny random transformers model of a family run.py runs: llama, mistral (its files are
     `llama`), qwen2 (q, k, v biases), qwen3 (query and key norms; head_dim may differ from
-    hidden / n_head), phi3 (fused q/k/v and gate/up) or gemma3 (its text model)."""
+    hidden / n_head), phi3 (fused q/k/v and gate/up), gemma2 or gemma3 (its text model);
+    config: more of the family's config values."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
-            "gemma3": "Gemma3"}[arch]
+            "gemma2": "Gemma2", "gemma3": "Gemma3"}[arch]
     extra = {"head_dim": head_dim} if head_dim else {}
-    if arch != "gemma3":  # Gemma 3 keeps its two bases: 1e6 for global layers, 1e4 for the others
+    if arch not in ("phi3", "gemma3"):  # Gemma 3 keeps its two bases: 1e6 for global layers, 1e4 for the others
         extra["rope_theta"] = 10000.0
     if arch == "phi3":
         extra["pad_token_id"] = 0  # its default, 32000, is past a tiny vocabulary
+    if arch == "phi3":
+        extra["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     if arch == "gemma3":  # sliding windows of 8 positions on all layers but the second
-        extra.update(query_pre_attn_scalar=head_dim, sliding_window=8, pad_token_id=0,
-                     layer_types=["full_attention" if i == 1 else "sliding_attention" for i in range(layers)])
+        extra.update(layer_types=["full_attention" if i == 1 else "sliding_attention" for i in range(layers)])
+    if arch in ("gemma2", "gemma3"):  # (Gemma 2's windows: every other layer, the first included)
+        extra.update(query_pre_attn_scalar=head_dim, sliding_window=8, pad_token_id=0)
     config = getattr(transformers, name + ("TextConfig" if arch == "gemma3" else "Config"))(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
         num_attention_heads=n_head, num_key_value_heads=n_head_kv, max_position_embeddings=ctx,
-        rms_norm_eps=1e-5, tie_word_embeddings=tie, **extra)
+        rms_norm_eps=1e-5, tie_word_embeddings=tie, attn_implementation="eager",  # Gemma 2 soft-caps there
+        **{**extra, **(config or {})})
     model = getattr(transformers, name + "ForCausalLM")(config).float().eval()
     with torch.no_grad():  # larger than the default init, so that mistakes show in the logits
         for p in model.parameters():
@@ -197,7 +205,7 @@ def tiny_llama(tie: bool, n_head=4, n_head_kv=2, hidden=64, ff=96, layers=2, voc
 
 # transformers' model_type -> general.architecture, as llama.cpp's converter writes it
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-             "gemma3_text": "gemma3"}
+             "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 
 def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: dict | None = None):
@@ -229,7 +237,18 @@ def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: d
     if arch == "gemma3":  # rope.freq_base below is the global layers'; the others' is 10000
         writer.add_sliding_window(c.sliding_window)
         writer.add_array("gemma3.attention.sliding_window_pattern", [t == "sliding_attention" for t in c.layer_types])
+    if arch == "gemma2":  # no pattern: llama.cpp's is every other layer, as transformers'
+        writer.add_sliding_window(c.sliding_window)
+        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(c.final_logit_softcapping)
     rope = getattr(c, "rope_parameters", None) or {}
+    if arch == "phi3":  # as llama.cpp's Phi-3 converter: LongRoPE's factors and attention factor
+        writer.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+        if rope.get("rope_type") == "longrope":
+            scale = c.max_position_embeddings / c.original_max_position_embeddings
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(c.original_max_position_embeddings)))
+            writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+            writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
     writer.add_rope_freq_base(float(getattr(c, "rope_theta", None) or rope.get("full_attention", rope).get("rope_theta")))
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
@@ -244,7 +263,7 @@ def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: d
                  "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                  "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
                  "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's fused ones
-    if arch == "gemma3":  # Gemma's post_attention_layernorm is after attention, not before the FFN
+    if arch in ("gemma2", "gemma3"):  # Gemma's post_attention_layernorm is after attention, not before the FFN
         per_layer.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                           "post_feedforward_layernorm": "post_ffw_norm"})
     state = model.state_dict()
@@ -263,7 +282,7 @@ def write_llama_gguf(path, model, tokenizer_metadata: dict, qtype=None, extra: d
                       else c.num_key_value_heads if "k_proj" in name else None)
             if n_perm:
                 w = permute_qk(w, n_perm)
-            if arch == "gemma3" and "norm" in name:  # Gemma's norms scale by 1 + w: the converter adds the 1
+            if arch in ("gemma2", "gemma3") and "norm" in name:  # Gemma's norms scale by 1 + w: the converter adds the 1
                 w = w + 1
             if w.ndim == 1:  # norms and biases stay F32, as in llama.cpp
                 writer.add_tensor(out, w)

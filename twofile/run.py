@@ -476,14 +476,18 @@ class Config:
     rope_scale: float     # linear RoPE scaling: positions are divided by this
     norm_eps: float
     arch: str = "llama"
+    rope_n_ctx_orig: int = 0         # LongRoPE (Phi-3 128k): the context its short factors are for
+    rope_attn_factor: float = 1.0    # ... and its scale of cos and sin (of queries and keys)
     rope_neox: bool = False  # RoPE on pairs (i, i + rope_dims/2), not (2i, 2i+1): see Model._rope
-    # Gemma 3
+    # Gemma 2 and 3
     embd_scale: float = 1.0          # the embeddings are multiplied by this (sqrt(n_embd))
     attn_scale: float = 0.0          # queries are multiplied by this (0: 1/sqrt(head_dim))
     gelu: bool = False               # the FFN's gate through tanh-GELU, not SiLU
     sliding_window: int = 0          # a layer in swa_layers sees only this many positions, its own included
     swa_layers: tuple = ()           # which layers have a sliding window (RoPE base rope_theta_swa, unscaled)
     rope_theta_swa: float = 10000.0
+    attn_softcap: float = 0.0        # attention scores s become cap * tanh(s / cap) (0: not capped)
+    final_softcap: float = 0.0       # the same for the logits
 
 
 # general.architecture -> whether its RoPE pairs dimension i with i + rope_dims/2 (llama.cpp's
@@ -493,8 +497,9 @@ class Config:
 # one matrix and the gate and up projections into another; Mistral's files are `llama`. Gemma 3
 # scales its embeddings, normalizes each attention's and FFN's output too (post-norms), runs
 # its FFN through tanh-GELU, and gives five of every six layers a sliding window with a RoPE
-# base of their own (llama.cpp's gemma3 graph).
-ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True, "phi3": True, "gemma3": True}
+# base of their own (llama.cpp's gemma3 graph). Gemma 2 does the same with every other layer
+# windowed, one RoPE base, no query and key norms, and soft-capped attention scores and logits.
+ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True, "phi3": True, "gemma2": True, "gemma3": True}
 
 
 def _config(gguf: GGUFFile) -> Config:
@@ -533,37 +538,46 @@ def _config(gguf: GGUFFile) -> Config:
     if not isinstance(scaling, str) or scaling not in ("none", "linear"):
         raise GGUFError(f"{path}: {arch}.rope.scaling.type = {scaling!r:.40} is not supported (none, linear)")
     rope_scale = get("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0
+    longrope = dict(rope_n_ctx_orig=get("rope.scaling.original_context_length", default=get("context_length")),
+                    rope_attn_factor=get("rope.scaling.attn_factor", float, 1.0))
     tokens = meta.get("tokenizer.ggml.tokens")
     n_layer = get("block_count")
     gemma = {}
-    if arch == "gemma3":
-        window = meta.get("gemma3.attention.sliding_window", 0)
+    if arch in ("gemma2", "gemma3"):  # llama.cpp's defaults where a key is missing
+        window = meta.get(f"{arch}.attention.sliding_window", 4096 if arch == "gemma2" else 0)
         if not isinstance(window, int) or window < 0:
-            raise GGUFError(f"{path}: metadata gemma3.attention.sliding_window = {window!r:.40} is not a count")
-        pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+            raise GGUFError(f"{path}: metadata {arch}.attention.sliding_window = {window!r:.40} is not a count")
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
         if (isinstance(pattern, np.ndarray) and pattern.shape == (n_layer,) and pattern.dtype.kind in "bui"
                 and set(pattern.tolist()) <= {0, 1}):  # GGUF booleans read as bytes
             swa = tuple(bool(b) for b in pattern)  # per layer, as llama.cpp's load_swa_pattern reads it
         elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 0:
             swa = tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(n_layer))
         else:
-            raise GGUFError(f"{path}: metadata gemma3.attention.sliding_window_pattern = {pattern!r:.40} is "
+            raise GGUFError(f"{path}: metadata {arch}.attention.sliding_window_pattern = {pattern!r:.40} is "
                             f"neither a count nor {n_layer} booleans")
-        softcap = meta.get("gemma3.final_logit_softcapping", 0.0)
-        if not isinstance(softcap, (int, float)) or softcap:
-            raise GGUFError(f"{path}: gemma3.final_logit_softcapping = {softcap!r:.40} is not supported")
-        # llama.cpp's query scale: 1/sqrt(head size), but 1/sqrt(width / heads) for the 27B (62 layers)
-        scale = 1.0 / np.sqrt(n_embd / n_head if n_layer == 62 else head_dim)
+
+        def cap(key, default):
+            value = meta.get(f"{arch}.{key}", default)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1e30:
+                raise GGUFError(f"{path}: metadata {arch}.{key} = {value!r:.40} is not a soft-capping value")
+            return float(value)
+
+        # llama.cpp's query scale: 1/sqrt(head size), but 1/sqrt(width / heads) for the 27B models
+        scale = 1.0 / np.sqrt(n_embd / n_head if n_layer == {"gemma2": 46, "gemma3": 62}[arch] else head_dim)
         gemma = dict(embd_scale=float(np.sqrt(np.float32(n_embd))), attn_scale=scale, gelu=True,
                      sliding_window=window, swa_layers=swa if window else (),
-                     rope_theta_swa=get("rope.freq_base_swa", float, 10000.0))
+                     rope_theta_swa=get("rope.freq_base_swa", float, 10000.0 if arch == "gemma3" else
+                                        get("rope.freq_base", float, 10000.0)),
+                     attn_softcap=cap("attn_logit_softcapping", 50.0) if arch == "gemma2" else 0.0,
+                     final_softcap=cap("final_logit_softcapping", 30.0 if arch == "gemma2" else 0.0))
     return Config(
         n_vocab=get("vocab_size", default=len(tokens) if isinstance(tokens, list) else None), n_embd=n_embd,
         n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
         n_ff=get("feed_forward_length"), n_ctx=get("context_length"),
         rope_theta=get("rope.freq_base", float, 10000.0), rope_dims=rope_dims,
         rope_scale=rope_scale or 1.0, norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-5),
-        arch=arch, rope_neox=ARCHITECTURES[arch], **gemma)
+        arch=arch, rope_neox=ARCHITECTURES[arch], **longrope, **gemma)
 
 
 def rms_norm(x, weight, eps):
@@ -608,9 +622,9 @@ class Layer:
     qkv_bias: np.ndarray | None = None  # Qwen 2: the q, k and v projections' biases, one vector
     q_norm: np.ndarray | None = None    # Qwen 3, Gemma 3: RMSNorm weights of each query head and key head
     k_norm: np.ndarray | None = None
-    attn_post_norm: np.ndarray | None = None  # Gemma 3: the attention's and the FFN's outputs normalized
+    attn_post_norm: np.ndarray | None = None  # Gemma: the attention's and the FFN's outputs normalized
     ffn_post_norm: np.ndarray | None = None
-    swa: bool = False                   # Gemma 3: a sliding-window layer (Config.sliding_window)
+    swa: bool = False                   # Gemma: a sliding-window layer (Config.sliding_window)
 
 
 PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
@@ -653,7 +667,7 @@ class Model:
         self.output_norm = tensor("output_norm.weight", (c.n_embd,), matrix=False)
         self.layers = []
         qk_norm = "blk.0.attn_q_norm.weight" in gguf.tensors
-        gemma = c.arch == "gemma3"
+        gemma = c.arch in ("gemma2", "gemma3")
         for i in range(c.n_layer):
             p = f"blk.{i}."
             if c.arch == "phi3":  # fused: rows [q; k; v] and [gate; up]
@@ -679,8 +693,10 @@ class Model:
                 ffn_post_norm=tensor(p + "post_ffw_norm.weight", (c.n_embd,), False) if gemma else None,
                 swa=bool(c.swa_layers) and c.swa_layers[i]))
         inv_freq = c.rope_theta ** (-np.arange(0, c.rope_dims, 2, dtype=np.float64) / c.rope_dims)
-        if "rope_factors_long.weight" in gguf.tensors:
-            raise GGUFError(f"{self.path}: LongRoPE (rope_factors_long/short, Phi-3 128k) is not supported")
+        if "rope_factors_long.weight" in gguf.tensors:  # LongRoPE: as llama.cpp, the long factors
+            # for a context longer than the one the model was first trained for, else the short
+            which = "long" if self.n_ctx > c.rope_n_ctx_orig else "short"
+            inv_freq = inv_freq / tensor(f"rope_factors_{which}.weight", (c.rope_dims // 2,), False)
         if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+ long-context frequency factors
             inv_freq = inv_freq / tensor("rope_freqs.weight", (c.rope_dims // 2,), False)
         self.inv_freq = inv_freq / c.rope_scale
@@ -765,24 +781,28 @@ class Model:
             return self._attend(q, k_cache[i, :, :, :S], v_cache[i, :, :, :S], window if self.layers[i].swa else mask)
 
         x = self._layers(tokens, np.arange(start, S), attend)
-        return matmul(x if all_logits else x[-1:], self.output)
+        return self._capped(matmul(x if all_logits else x[-1:], self.output))
+
+    def _capped(self, logits):
+        """Gemma 2's final soft-capping of logits, in place."""
+        cap = np.float32(self.config.final_softcap)
+        if cap:
+            np.multiply(np.tanh(np.divide(logits, cap, out=logits), out=logits), cap, out=logits)
+        return logits
 
     def _layers(self, tokens, positions, attend):
         """numpy: the tokens at their positions through every layer, attention by attend(layer,
         q, k, v) -> (T, n_head * head_dim); the final normalized hidden states (T, n_embd)."""
         c = self.config
         T = len(tokens)
-        rotations = []  # [global layers'] + [sliding-window layers'] if there are any
-        for inv_freq in (self.inv_freq, self.inv_freq_swa)[:2 if c.swa_layers else 1]:
-            angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
-            rotations.append((np.cos(angles).astype(np.float32)[:, None, :],  # (T, 1, rope_dims/2)
-                              np.sin(angles).astype(np.float32)[:, None, :]))
+        cos, sin = self._rotations(positions)
+        cos_sin = [(cos[r][:, None, :], sin[r][:, None, :]) for r in (0, 1)]  # (T, 1, rope_dims/2)
         x = get_rows(self.token_embd, tokens)  # (T, n_embd)
         if c.embd_scale != 1.0:
             x *= np.float32(c.embd_scale)
         q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
         for i, L in enumerate(self.layers):
-            cos, sin = rotations[L.swa]
+            cos, sin = cos_sin[L.swa]
             h = rms_norm(x, L.attn_norm, c.norm_eps)
             q, k, v = matmul(h, L.wq), matmul(h, L.wk), matmul(h, L.wv)
             if L.qkv_bias is not None:
@@ -810,6 +830,8 @@ class Model:
         group, scale = c.n_head // c.n_head_kv, c.attn_scale or 1.0 / c.head_dim ** 0.5
         q = q.reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
         scores = (q.reshape(c.n_head_kv, group * T, c.head_dim) @ keys) * scale
+        if c.attn_softcap:
+            scores = np.tanh(scores / np.float32(c.attn_softcap)) * np.float32(c.attn_softcap)
         scores = np.where(mask, scores.reshape(c.n_head_kv, group, T, S), -np.inf)
         probs = softmax(scores).reshape(c.n_head_kv, group * T, S)
         att = (probs @ values.transpose(0, 2, 1)).reshape(c.n_head_kv, group, T, c.head_dim)
@@ -840,6 +862,7 @@ class Model:
         total, best = np.zeros(len(needed)), np.zeros(len(needed), np.int64)
         picked = np.empty(len(rows), np.float32)
         for first, logits in matmul_parts(x[needed], self.output):
+            logits = self._capped(logits)
             inside = (targets >= first) & (targets < first + logits.shape[1])
             picked[inside] = logits[where[inside], targets[inside] - first]
             slice_top = logits.max(axis=-1)
@@ -857,6 +880,14 @@ class Model:
                 pairs.append((logprob[start:start + n], bool(greedy[start:start + n].all())))
                 start += n
             yield pairs
+
+    def _rotations(self, positions):
+        """RoPE's cos and sin at these positions, (2, T, rope_dims/2) float32: [0] for the global
+        layers, [1] for the sliding-window ones; times LongRoPE's attention factor."""
+        inv_freq = np.stack([self.inv_freq, self.inv_freq_swa if self.config.swa_layers else self.inv_freq])
+        angles = np.asarray(positions, np.float64)[None, :, None] * inv_freq[:, None, :]
+        factor = self.config.rope_attn_factor
+        return (np.cos(angles) * factor).astype(np.float32), (np.sin(angles) * factor).astype(np.float32)
 
     def _rope(self, x, cos, sin):
         """Rotate pairs of the first rope_dims of each head: adjacent ones (2i, 2i+1) in GGUF's
@@ -878,8 +909,7 @@ class Model:
         next-token logits of tokens `wanted` (len(wanted), n_vocab)."""
         c = self.config
         positions, wanted = np.asarray(positions, np.int64), np.asarray(wanted, np.int64)
-        angles = positions[None, :, None] * np.stack([self.inv_freq, self.inv_freq_swa])[:, None, :]
-        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)  # (2, T, rope_dims/2)
+        cos, sin = self._rotations(positions)
         x = get_rows(self.token_embd, tokens)
         if c.embd_scale != 1.0:
             x *= np.float32(c.embd_scale)
@@ -891,9 +921,9 @@ class Model:
             numba.set_num_threads(self.threads)  # per calling thread in numba
             _decode_tokens(x, positions, self.gguf.data, self._table, self._norms, self._qkv_bias, self._qk_norms,
                            self._post_norms, k_caches, v_caches, cos, sin, c.n_head, c.norm_eps, c.rope_neox,
-                           self._windows, c.attn_scale or 1.0 / np.sqrt(c.head_dim), c.gelu, wanted, logits,
-                           self.threads)
-        return logits
+                           self._windows, c.attn_scale or 1.0 / np.sqrt(c.head_dim), c.attn_softcap, c.gelu, wanted,
+                           logits, self.threads)
+        return self._capped(logits)
 
 
 @dataclass
@@ -2758,9 +2788,10 @@ def _head_norm(x, n_head, head_dim, weight, eps):
 
 
 @_jit
-def _attend(q, s, keys, values, layer, first, S, head, group, scale, out):
+def _attend(q, s, keys, values, layer, first, S, head, group, scale, softcap, out):
     """Query head `head` of sequence s (q[s]), times scale, against positions first..S-1 of
-    its key/value head (head // group) in the layer's cache: out[s]'s part for that head. The
+    its key/value head (head // group) in the layer's cache (scores soft-capped if softcap >
+    0, see Config): out[s]'s part for that head. The
     caches hold (layers, n_head_kv, head_dim, positions): every inner loop runs along
     positions. Arrays are indexed, never sliced (see _rows)."""
     head_dim, kv = keys.shape[2], head // group
@@ -2770,6 +2801,9 @@ def _attend(q, s, keys, values, layer, first, S, head, group, scale, out):
         qd = q[s, q0 + d] * scale
         for p in range(first, S):
             scores[p - first] += qd * keys[layer, kv, d, p]
+    if softcap > 0:
+        for p in range(S - first):
+            scores[p] = np.tanh(scores[p] / np.float32(softcap)) * np.float32(softcap)
     top = scores[0]
     for p in range(S - first):
         top = max(top, scores[p])
@@ -2785,7 +2819,7 @@ def _attend(q, s, keys, values, layer, first, S, head, group, scale, out):
 
 
 @_kernel
-def _attention(q, k_caches, v_caches, layer, positions, n_head, window, scale, out, threads):
+def _attention(q, k_caches, v_caches, layer, positions, n_head, window, scale, softcap, out, threads):
     """Every query head of every sequence s (q[s]) against the first positions[s] + 1 positions
     of its cache's layer (the last `window` of them, if window > 0); the (sequence, head) pairs
     are split among the threads."""
@@ -2795,7 +2829,7 @@ def _attention(q, k_caches, v_caches, layer, positions, n_head, window, scale, o
         for pair in range(t * pairs // threads, (t + 1) * pairs // threads):
             s, head = pair // n_head, pair % n_head
             first = max(0, positions[s] + 1 - window) if window > 0 else 0
-            _attend(q, s, k_caches[s], v_caches[s], layer, first, positions[s] + 1, head, group, scale, out)
+            _attend(q, s, k_caches[s], v_caches[s], layer, first, positions[s] + 1, head, group, scale, softcap, out)
 
 
 @_jit
@@ -2807,7 +2841,7 @@ def _matmul_at(data, table, m, x, xq, xd, xsum, out, chunks):
 
 @_jit
 def _decode_tokens(x, positions, data, table, norms, qkv_bias, qk_norms, post_norms, k_caches, v_caches, cos, sin,
-                   n_head, eps, neox, windows, scale, gelu, wanted, logits, threads):
+                   n_head, eps, neox, windows, scale, softcap, gelu, wanted, logits, threads):
     """Run tokens (their embeddings x, (T, n_embd)) through every layer, token t at position
     positions[t] of the sequence whose caches are k_caches[t], v_caches[t] ((layers, kv heads,
     head_dim, positions)); write their keys and values there, and the next-token logits of
@@ -2820,7 +2854,8 @@ def _decode_tokens(x, positions, data, table, norms, qkv_bias, qk_norms, post_no
     qk_norms (layers, 2, head_dim) and post_norms (layers, 2, n_embd: Gemma's norms of the
     attention's and the FFN's outputs) have no rows for a model without them; neox:
     Model._rope; windows[i] > 0: layer i's sliding window, its RoPE from cos[1], sin[1] (the
-    others' from cos[0], sin[0]); scale: the queries'; gelu: tanh-GELU, not SiLU. A token's
+    others' from cos[0], sin[0]); scale: the queries'; softcap: the attention scores' (Config);
+    gelu: tanh-GELU, not SiLU. A token's
     numbers depend only on it and the cache before it, never on the others in the call: its
     logits are those it gets alone."""
     n_layer, n_head_kv, head_dim, _ = k_caches[0].shape
@@ -2850,7 +2885,7 @@ def _decode_tokens(x, positions, data, table, norms, qkv_bias, qk_norms, post_no
             _rope(k[t], n_head_kv, head_dim, cos[r, t], sin[r, t], neox)
             k_caches[t][i, :, :, positions[t]] = k[t].reshape(n_head_kv, head_dim)
             v_caches[t][i, :, :, positions[t]] = v[t].reshape(n_head_kv, head_dim)
-        _attention(q, k_caches, v_caches, i, positions, n_head, windows[i], scale, att, threads)
+        _attention(q, k_caches, v_caches, i, positions, n_head, windows[i], scale, softcap, att, threads)
         aq, ad, as_ = _quantize(att)
         _matmul_at(data, table, m + 3, att, aq, ad, as_, proj, chunks)
         x = x + (_rms_norm(proj, post_norms[i, 0], eps) if post_norms.shape[0] else proj)
@@ -2891,7 +2926,7 @@ def _compile_kernels() -> bool:
                            np.ones((2, 2, 16), np.float32), np.zeros((1, 5), np.float32), np.ones((1, 2, 2), np.float32),
                            np.ones((1, 2, 16), np.float32), numba.typed.List([cache]), numba.typed.List([cache.copy()]),
                            np.ones((2, 1, 1), np.float32), np.zeros((2, 1, 1), np.float32), 1, 1e-5, False,
-                           np.zeros(1, np.int64), 0.5, False, np.zeros(1, np.int64), np.zeros((1, 1), np.float32), 1)
+                           np.zeros(1, np.int64), 0.5, 0.0, False, np.zeros(1, np.int64), np.zeros((1, 1), np.float32), 1)
             _compiled = True
         except Exception as e:  # numba reports compile failures with many exception types
             first_line = (str(e).strip().splitlines() or [""])[0]
