@@ -1,4 +1,4 @@
-"""run.py: run a GGUF language model (Llama, Mistral, Qwen, Phi-3, Gemma 3) with numpy alone, fast with numba.
+"""run.py: run a GGUF language model (Llama, Mistral, Qwen, Phi-3, Gemma 2 and 3) with numpy alone, fast with numba.
 
 This is the second of the two files: copy it next to a .gguf and run
 
