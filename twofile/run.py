@@ -903,10 +903,11 @@ class Model:
             rotated = np.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(*x.shape[:-1], d)
         return np.concatenate([rotated, x[..., d:]], axis=-1) if d < x.shape[-1] else rotated
 
-    def _decode(self, caches, tokens, positions, wanted):
-        """Tokens through the compiled kernels, token t with the caches caches[t] (a (keys,
-        values) pair) at position positions[t], all in one pass over the weights: the
-        next-token logits of tokens `wanted` (len(wanted), n_vocab)."""
+    def _decode(self, caches, seqs, tokens, positions, wanted):
+        """Tokens through the compiled kernels, token t at position positions[t] of sequence
+        seqs[t], whose keys and values are caches[0][seqs[t]], caches[1][seqs[t]] (typed lists,
+        see Session._kernel_caches), all in one pass over the weights: the next-token logits
+        of tokens `wanted` (len(wanted), n_vocab)."""
         c = self.config
         positions, wanted = np.asarray(positions, np.int64), np.asarray(wanted, np.int64)
         cos, sin = self._rotations(positions)
@@ -914,13 +915,12 @@ class Model:
         if c.embd_scale != 1.0:
             x *= np.float32(c.embd_scale)
         logits = np.empty((len(wanted), self.config.n_vocab), np.float32)
-        k_caches, v_caches = numba.typed.List([k for k, _ in caches]), numba.typed.List([v for _, v in caches])
         # one kernel call at a time: numba's own thread pool may not be entered from two
         # threads at once (its 'workqueue' layer aborts), and one call already uses every core
         with _KERNEL_LOCK:
             numba.set_num_threads(self.threads)  # per calling thread in numba
-            _decode_tokens(x, positions, self.gguf.data, self._table, self._norms, self._qkv_bias, self._qk_norms,
-                           self._post_norms, k_caches, v_caches, cos, sin, c.n_head, c.norm_eps, c.rope_neox,
+            _decode_tokens(x, positions, np.asarray(seqs, np.int64), self.gguf.data, self._table, self._norms,
+                           self._qkv_bias, self._qk_norms, self._post_norms, *caches, cos, sin, c.n_head, c.norm_eps, c.rope_neox,
                            self._windows, c.attn_scale or 1.0 / np.sqrt(c.head_dim), c.attn_softcap, c.gelu, wanted,
                            logits, self.threads)
         return self._capped(logits)
@@ -1486,6 +1486,7 @@ class Session:
         self.model, self.exact = model, exact
         self.tokens: list[int] = []  # the tokens whose keys and values are in the cache, in order
         self.k_cache = self.v_cache = None  # (layers, kv heads, head_dim, positions): positions last
+        self._typed = None  # the caches as the kernels take them (_kernel_caches)
 
     @property
     def n_ctx(self) -> int:
@@ -1502,7 +1503,7 @@ class Session:
             for i in range(0, len(ids), KERNEL_BATCH):
                 batch, start = ids[i:i + KERNEL_BATCH], len(self.tokens)
                 wanted = range(len(batch)) if all_logits else [len(batch) - 1] if i + len(batch) == len(ids) else []
-                rows.extend(model._decode([(self.k_cache, self.v_cache)] * len(batch), batch,
+                rows.extend(model._decode(self._kernel_caches(), [0] * len(batch), batch,
                                           range(start, start + len(batch)), list(wanted)))
                 self.tokens.extend(batch)
         elif self.exact or len(ids) == 1:  # numpy, one token at a time: as exact as the kernels
@@ -1567,6 +1568,13 @@ class Session:
     def _check(self, ids, start=None) -> list[int]:
         return _checked(self.model, ids, len(self.tokens) if start is None else start)
 
+    def _kernel_caches(self):
+        """([keys], [values]) as numba typed lists: made once per cache (each costs about 0.2 ms,
+        a few percent of a token's time)."""
+        if self._typed is None:
+            self._typed = numba.typed.List([self.k_cache]), numba.typed.List([self.v_cache])
+        return self._typed
+
     def _reserve(self, n):
         c = self.model.config
         have = 0 if self.k_cache is None else self.k_cache.shape[-1]
@@ -1578,7 +1586,7 @@ class Session:
         k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         if have:
             k[..., :have], v[..., :have] = self.k_cache, self.v_cache
-        self.k_cache, self.v_cache = k, v
+        self.k_cache, self.v_cache, self._typed = k, v, None
 
 
 def _checked(model: Model, ids, start: int) -> list[int]:
@@ -1612,14 +1620,15 @@ def feed_many(sessions: Sequence[Session], token_lists: Sequence[Sequence[int]],
     token_lists = [s._check(ids) for s, ids in zip(sessions, token_lists)]
     if not model.use_numba:
         return [s.feed(ids, all_logits) for s, ids in zip(sessions, token_lists)]
-    caches, tokens, positions, wanted = [], [], [], []
-    for s, ids in zip(sessions, token_lists):
+    seqs, tokens, positions, wanted = [], [], [], []
+    for n, (s, ids) in enumerate(zip(sessions, token_lists)):
         s._reserve(len(s.tokens) + len(ids))
-        caches += [(s.k_cache, s.v_cache)] * len(ids)
+        seqs += [n] * len(ids)
         positions += range(len(s.tokens), len(s.tokens) + len(ids))
         wanted += range(len(tokens), len(tokens) + len(ids)) if all_logits else [len(tokens) + len(ids) - 1]
         tokens += ids
-    logits = model._decode(caches, tokens, positions, wanted)
+    caches = numba.typed.List([s.k_cache for s in sessions]), numba.typed.List([s.v_cache for s in sessions])
+    logits = model._decode(caches, seqs, tokens, positions, wanted)
     for s, ids in zip(sessions, token_lists):
         s.tokens.extend(ids)
     if not all_logits:
@@ -2819,17 +2828,18 @@ def _attend(q, s, keys, values, layer, first, S, head, group, scale, softcap, ou
 
 
 @_kernel
-def _attention(q, k_caches, v_caches, layer, positions, n_head, window, scale, softcap, out, threads):
-    """Every query head of every sequence s (q[s]) against the first positions[s] + 1 positions
-    of its cache's layer (the last `window` of them, if window > 0); the (sequence, head) pairs
-    are split among the threads."""
+def _attention(q, k_caches, v_caches, layer, positions, seqs, n_head, window, scale, softcap, out, threads):
+    """Every query head of every token s (q[s]) against the first positions[s] + 1 positions
+    of its sequence's cache's layer (k_caches[seqs[s]]; the last `window` of them, if window >
+    0); the (token, head) pairs are split among the threads."""
     group = n_head // k_caches[0].shape[1]
     pairs = q.shape[0] * n_head
     for t in _prange(threads):
         for pair in range(t * pairs // threads, (t + 1) * pairs // threads):
             s, head = pair // n_head, pair % n_head
             first = max(0, positions[s] + 1 - window) if window > 0 else 0
-            _attend(q, s, k_caches[s], v_caches[s], layer, first, positions[s] + 1, head, group, scale, softcap, out)
+            _attend(q, s, k_caches[seqs[s]], v_caches[seqs[s]], layer, first, positions[s] + 1, head, group, scale,
+                    softcap, out)
 
 
 @_jit
@@ -2840,11 +2850,11 @@ def _matmul_at(data, table, m, x, xq, xd, xsum, out, chunks):
 
 
 @_jit
-def _decode_tokens(x, positions, data, table, norms, qkv_bias, qk_norms, post_norms, k_caches, v_caches, cos, sin,
+def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, post_norms, k_caches, v_caches, cos, sin,
                    n_head, eps, neox, windows, scale, softcap, gelu, wanted, logits, threads):
     """Run tokens (their embeddings x, (T, n_embd)) through every layer, token t at position
-    positions[t] of the sequence whose caches are k_caches[t], v_caches[t] ((layers, kv heads,
-    head_dim, positions)); write their keys and values there, and the next-token logits of
+    positions[t] of the sequence whose caches are k_caches[seqs[t]], v_caches[seqs[t]] ((layers,
+    kv heads, head_dim, positions)); write their keys and values there, and the next-token logits of
     tokens `wanted` to logits (len(wanted), n_vocab). Tokens of several sequences (a server's
     conversations) and several tokens of one sequence (a prompt: the same caches, consecutive
     positions) mix freely: each layer writes every token's keys and values before any token
@@ -2883,9 +2893,9 @@ def _decode_tokens(x, positions, data, table, norms, qkv_bias, qk_norms, post_no
             r = 1 if windows[i] > 0 else 0
             _rope(q[t], n_head, head_dim, cos[r, t], sin[r, t], neox)
             _rope(k[t], n_head_kv, head_dim, cos[r, t], sin[r, t], neox)
-            k_caches[t][i, :, :, positions[t]] = k[t].reshape(n_head_kv, head_dim)
-            v_caches[t][i, :, :, positions[t]] = v[t].reshape(n_head_kv, head_dim)
-        _attention(q, k_caches, v_caches, i, positions, n_head, windows[i], scale, softcap, att, threads)
+            k_caches[seqs[t]][i, :, :, positions[t]] = k[t].reshape(n_head_kv, head_dim)
+            v_caches[seqs[t]][i, :, :, positions[t]] = v[t].reshape(n_head_kv, head_dim)
+        _attention(q, k_caches, v_caches, i, positions, seqs, n_head, windows[i], scale, softcap, att, threads)
         aq, ad, as_ = _quantize(att)
         _matmul_at(data, table, m + 3, att, aq, ad, as_, proj, chunks)
         x = x + (_rms_norm(proj, post_norms[i, 0], eps) if post_norms.shape[0] else proj)
@@ -2922,7 +2932,7 @@ def _compile_kernels() -> bool:
         table = np.array([[0, 64, 1, 0]] * 8)  # eight 1 x 16 F32 matrices, all the same bytes
         cache = np.zeros((1, 1, 2, 1), np.float32)  # (layers, kv heads, head_dim, positions)
         try:
-            _decode_tokens(np.zeros((1, 16), np.float32), np.zeros(1, np.int64), data, table,
+            _decode_tokens(np.zeros((1, 16), np.float32), np.zeros(1, np.int64), np.zeros(1, np.int64), data, table,
                            np.ones((2, 2, 16), np.float32), np.zeros((1, 5), np.float32), np.ones((1, 2, 2), np.float32),
                            np.ones((1, 2, 16), np.float32), numba.typed.List([cache]), numba.typed.List([cache.copy()]),
                            np.ones((2, 1, 1), np.float32), np.zeros((2, 1, 1), np.float32), 1, 1e-5, False,
