@@ -426,3 +426,20 @@ def check_greedy_tokens(ours, hf_model, hf_tokenizer, prompt, pad_token_id, n=32
     mine = gen.tokens
     assert mine == out[:len(mine)] and text == hf_tokenizer.decode(mine)
     assert len(mine) == n or out[len(mine)] in ours.tokenizer.eog_ids
+
+
+def check_near_greedy_tokens(ours, hf_model, hf_tokenizer, prompt, n=32, margin=0.25):
+    """n greedy tokens of ours (the kernels with 8-bit activations, which may part from
+    transformers' exact argmax where two tokens are nearly tied): each is, in transformers'
+    logits after the same sequence, within `margin` of the best."""
+    import torch
+
+    ids = hf_tokenizer(prompt)["input_ids"]
+    gen = ours.session().generate(ids, max_tokens=n, temperature=0, ignore_eos=True)
+    list(gen)
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids + gen.tokens])).logits[0, len(ids) - 1:-1].float().numpy()
+    logits[:, sorted(ours.tokenizer.eog_ids)] = -np.inf  # ignore_eos: never picked
+    gaps = logits.max(axis=-1) - logits[np.arange(len(gen.tokens)), gen.tokens]
+    assert len(gen.tokens) == n and gaps.max() <= margin, gaps.max()
+    return gaps

@@ -34,11 +34,13 @@ def raw_matrix(qtype, rows, cols, rng):
     return raw, gguf.quants.dequantize(raw, qtype)
 
 
+@pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("qtype", FLOATS + QUANTIZED, ids=lambda q: q.name)
 @pytest.mark.parametrize("rows", [1, 3, 67, 1029])
-def test_matmul_every_type_and_odd_row_counts(qtype, rows):
+def test_matmul_every_type_and_odd_row_counts(qtype, rows, bits):
     """Rows that are no multiple of the chunks or threads, down to a single row; x with
-    outliers and a block of zeros. Oracle: gguf.quants' decoder and a float64 product."""
+    outliers and a block of zeros; x rounded to 16 or 8 bits. Oracle: gguf.quants' decoder
+    and a float64 product."""
     rng = np.random.default_rng(rows + int(qtype))
     cols = 512
     raw, w = raw_matrix(qtype, rows, cols, rng)
@@ -50,10 +52,14 @@ def test_matmul_every_type_and_odd_row_counts(qtype, rows):
     for threads in (1, 2, 3):
         run.numba.set_num_threads(threads)  # the pool (NUMBA_NUM_THREADS, set in conftest) has 4
         out = np.full((6, rows), np.nan, np.float32)
-        run._matmul(raw, int(qtype), x, *run._quantize(x), out, 4 * threads)
-        # floats: float32 rounding; quantized: x rounded to 16 bits (error <= 1/65534 of a block's max)
-        tolerance = 1e-6 if qtype in FLOATS else 5e-5
-        assert np.all(np.abs(out - expected) <= tolerance * scale.max())
+        run._matmul(raw, int(qtype), x, *run._quantize(x, run.ACTIVATIONS[bits]), out, 4 * threads)
+        if bits == 16:  # floats: float32 rounding; quantized: x rounded to 16 bits (1/65534 of a block's max)
+            tolerance = 1e-6 if qtype in FLOATS else 5e-5
+            assert np.all(np.abs(out - expected) <= tolerance * scale.max())
+        else:  # each x off by at most half a step, 1/254 of its block's largest, and float32 rounding
+            step = np.abs(x).reshape(6, -1, 32).max(axis=-1) / 127
+            bound = 0.5 * np.repeat(step, 32, axis=1).astype(np.float64) @ np.abs(w).astype(np.float64).T
+            assert np.all(np.abs(out - expected) <= bound * (1 + 1e-3) + 1e-5 * scale.max())
 
 
 def test_half_conversion_every_bit_pattern():
@@ -211,6 +217,8 @@ def test_threads_argument(tmp_path, tiny_gguf):
     path, _ = tiny_gguf
     with pytest.raises(ValueError, match="threads must be at least 1"):
         run.load(path, threads=0)
+    with pytest.raises(ValueError, match="activations must be 16 or 8 bits, not 4"):
+        run.load(path, activations=4)
     a, b = run.load(path, threads=1), run.load(path, threads=64)  # more than numba's pool: capped
     assert b.threads == run.numba.config.NUMBA_NUM_THREADS
     ids = a.tokenize("The quick brown fox")
@@ -230,7 +238,7 @@ def test_kernels_that_fail_to_compile_fall_back_to_numpy(tiny_gguf, monkeypatch,
         raise run.numba.core.errors.TypingError("no such intrinsic")
 
     monkeypatch.setattr(run, "_decode_tokens", broken)
-    monkeypatch.setattr(run, "_compiled", None)
+    monkeypatch.setattr(run, "_compiled", {})
     m = run.load(path)
     assert not m.use_numba
     assert "could not compile the kernels (TypingError: no such intrinsic); using numpy" in capsys.readouterr().err
@@ -285,7 +293,7 @@ for qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.Q4_K, Q.Q2_K):
     w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
     x = rng.standard_normal((5, 512)).astype(np.float32)
     out = np.full((5, 37), np.nan, np.float32)
-    run._matmul(raw, int(qtype), x, *run._quantize(x), out, 3)
+    run._matmul(raw, int(qtype), x, *run._quantize(x, run.ACTIVATIONS[16]), out, 3)
     scale = (np.abs(x).astype(np.float64) @ np.abs(w).T).max()
     print(qtype.name, float(np.abs(out - x.astype(np.float64) @ w.T).max() / scale))
 """
@@ -297,3 +305,23 @@ for qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.Q4_K, Q.Q2_K):
     errors = {name: float(e) for name, e in (line.split() for line in r.stdout.splitlines())}
     assert set(errors) == {"halves", "IQ4_NL", "IQ4_XS", "Q4_K", "Q2_K"}, r.stdout
     assert errors.pop("halves") == 0.0 and all(e <= 5e-5 for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.IQ4_NL], ids=lambda q: q.name)
+def test_8_bit_activations_bit_identical_across_threads_and_batches(tmp_path, bpe_tokenizer, qtype):
+    """run.load(activations=8): the same logits, to the bit, fed one by one, in one batch (the
+    four-sequence kernels) and with 1 or 3 threads, and not those of 16 bits. (Their accuracy
+    is measured on real models, test_smollm2 and test_gemma3: a random tiny model's attention
+    turns the rounding into errors of several percent either way.)"""
+    model = tiny_llama(tie=False, hidden=256, ff=512, n_head=8, n_head_kv=2, layers=2)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"), qtype=qtype)
+    ids = list(np.random.default_rng(5).integers(0, 320, 20))
+    results = []
+    for threads in (1, 3):
+        m = run.load(path, threads=threads, activations=8)
+        s = m.session(exact=True)
+        results += [np.stack([s.step(t) for t in ids]), m.session(exact=True).feed(ids, all_logits=True)]
+    for other in results[1:]:
+        assert np.array_equal(other.view(np.uint32), results[0].view(np.uint32))
+    wide = run.load(path, activations=16).session(exact=True).feed(ids, all_logits=True)
+    assert np.abs(results[0] - wide).max() > 1e-4 * np.abs(wide).max()

@@ -637,7 +637,7 @@ class Model:
     """A GGUF model (see ARCHITECTURES): its weights (memory-mapped, in their file types), tokenizer and
     config. Read-only once loaded: one Model serves any number of Sessions, from any threads."""
 
-    def __init__(self, gguf: GGUFFile, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, gguf: GGUFFile, n_ctx: int | None = None, threads: int | None = None, activations: int = 16):
         self.gguf, self.metadata, self.path = gguf, gguf.metadata, gguf.path
         self.config = c = _config(gguf)
         self.tokenizer = Tokenizer(gguf.metadata, gguf.path)
@@ -705,10 +705,13 @@ class Model:
         threads = default_threads() if threads is None else threads
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be 16 or 8 bits, not {activations!r}")
         # the compiled kernels, when numba is there and has one for every matrix's type (tests set False)
         matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
         self.use_numba = (numba is not None and all(t.type in KERNEL_TYPES for t in matrices + [self.output])
-                          and _compile_kernels())
+                          and _compile_kernels(activations))
+        self.activation_bits = activations
         self.threads = min(threads, numba.config.NUMBA_NUM_THREADS) if self.use_numba else threads
         if self.use_numba:
             self._table = np.array([(t.offset, t.nbytes, t.shape[0], t.type) for t in matrices + [self.output]])
@@ -922,7 +925,7 @@ class Model:
             _decode_tokens(x, positions, np.asarray(seqs, np.int64), self.gguf.data, self._table, self._norms,
                            self._qkv_bias, self._qk_norms, self._post_norms, *caches, cos, sin, c.n_head, c.norm_eps, c.rope_neox,
                            self._windows, c.attn_scale or 1.0 / np.sqrt(c.head_dim), c.attn_softcap, c.gelu, wanted,
-                           logits, self.threads)
+                           logits, self.threads, ACTIVATIONS[self.activation_bits])
         return self._capped(logits)
 
 
@@ -968,9 +971,10 @@ def _prefix_tree(model: Model, pairs: Sequence[tuple[Sequence[int], Sequence[int
                        lengths)
 
 
-def load(path: str, n_ctx: int | None = None, threads: int | None = None) -> Model:
-    """Load a GGUF model: the tensors stay memory-mapped in their file types."""
-    return Model(read_gguf(path), n_ctx, threads)
+def load(path: str, n_ctx: int | None = None, threads: int | None = None, activations: int = 16) -> Model:
+    """Load a GGUF model: the tensors stay memory-mapped in their file types. activations:
+    the compiled kernels' rounding of each matrix's input, 16 or 8 bits (ACTIVATIONS)."""
+    return Model(read_gguf(path), n_ctx, threads, activations)
 
 
 def default_threads() -> int:
@@ -1786,6 +1790,9 @@ def add_generation_args(p: argparse.ArgumentParser):
     p.add_argument("--stop", action="append", default=[], help="stop before this text; repeatable (default: none)")
     p.add_argument("--ctx-size", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="threads for generation (default: the cores available)")
+    p.add_argument("--activations", type=int, choices=sorted(ACTIVATIONS), default=16,
+                   help="bits the compiled kernels round matrix inputs to: 16 is exact to 1e-3; 8 is "
+                        "llama.cpp's rounding, faster, 0.15%% higher perplexity (default: %(default)s)")
     p.add_argument("--system", default=None, help="chat: a system message (default: none)")
 
 
@@ -1822,7 +1829,7 @@ def run_prompt(path: str, args) -> None:
     """`run`: continue a prompt, streaming the text to stdout and timings to stderr."""
     _check_args(args)
     t0 = time.perf_counter()
-    model = load(path, args.ctx_size, args.threads)
+    model = load(path, args.ctx_size, args.threads, args.activations)
     t_load = time.perf_counter() - t0
     ids = model.tokenize(args.prompt)
     gen = model.session().generate(ids, args.max_tokens, **_sampling(args))
@@ -1837,7 +1844,7 @@ def run_chat(path: str, args) -> None:
     """`chat`: an interactive conversation with the model's chat template. One session holds
     the conversation, so each turn computes only its new tokens."""
     _check_args(args)
-    model = load(path, args.ctx_size, args.threads)
+    model = load(path, args.ctx_size, args.threads, args.activations)
     render_chat(model.metadata, [{"role": "user", "content": "hi"}])  # fail early on a bad template
     session = model.session()
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -1909,9 +1916,10 @@ def guarded(fn, *args) -> int:
 # RUN_PY_NUMBA=0, Model._forward (numpy) runs instead.
 #
 # As in llama.cpp, the activations x are rounded to integers per block of 32, so a block's
-# dot product is integer multiply-adds (16 products per instruction); we round to 16 bits where
-# llama.cpp rounds to 8: the error is at most 1/65534 of the block's largest |x|, and logits
-# match the float32 numpy path to 1e-3 of their scale or better (tested on every tensor type).
+# dot product is integer multiply-adds (16 products per instruction); by default we round to
+# 16 bits where llama.cpp rounds to 8: the error is at most 1/65534 of the block's largest |x|,
+# and logits match the float32 numpy path to 1e-3 of their scale or better (tested on every
+# tensor type). run.load(activations=8) rounds some to 8 bits, as llama.cpp (see ACTIVATIONS).
 # F32, F16 and BF16 matrices are multiplied in float32.
 #
 # Determinism: every output (a row's dot product, a head's attention) is computed by one thread
@@ -1920,9 +1928,10 @@ def guarded(fn, *args) -> int:
 #
 # numba has no vector type, so the few vector operations are written as LLVM IR (intrinsics):
 # `Lanes` is 16 float32 accumulators kept in a register through a row; the weights of one
-# block are unpacked to 16-bit integers, multiplied with 32 activations, summed in pairs into
-# 16 int32 lanes, scaled and added to the lanes. Portable IR: LLVM picks the instructions
-# (AVX-512, AVX2 or NEON).
+# block are unpacked to signed bytes, multiplied with 32 activations, summed in pairs (16-bit
+# x) or fours (8-bit x) into int32 lanes, scaled and added to the lanes. Portable IR where it
+# can be (LLVM picks the instructions: AVX-512, AVX2 or NEON); x86 intrinsics where LLVM would
+# not find them (byte shuffles, 8-bit products), with portable IR on other CPUs.
 
 def _import_numba():
     if os.environ.get("RUN_PY_NUMBA", "1") == "0":
@@ -1959,9 +1968,9 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
         _quants = _QuantsType()
 
         @_register_model(_QuantsType)
-        class _QuantsModel(_models.PrimitiveModel):  # one block's 32 weights as 16-bit integers
+        class _QuantsModel(_models.PrimitiveModel):  # one block's 32 weights as signed bytes
             def __init__(self, dmm, fe_type):
-                super().__init__(dmm, fe_type, _ir.VectorType(_ir.IntType(16), 32))
+                super().__init__(dmm, fe_type, _ir.VectorType(_ir.IntType(8), 32))
 
         _I8, _I16, _I32, _F32 = _ir.IntType(8), _ir.IntType(16), _ir.IntType(32), _ir.FloatType()
 
@@ -2002,27 +2011,54 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
                 mask = [0] * n
             return builder.shuffle_vector(value, _ir.Constant(value.type, None), _ir.Constant(_vec(_I32, n), mask))
 
-        def _widen(builder, q, signed, offset):
-            """32 bytes of weights (signed or not) as 16-bit integers, minus offset."""
-            q16 = builder.sext(q, _vec(_I16, 32)) if signed else builder.zext(q, _vec(_I16, 32))
-            return builder.sub(q16, _splat(builder, builder.trunc(offset, _I16), 32))
+        def _centered(builder, q, offset):
+            """32 bytes of weights minus offset, as signed bytes: every type's weights fit
+            (Q8_0's and IQ4's are signed already, offset 0; the others are at most 63 - 32)."""
+            return builder.sub(q, _splat(builder, builder.trunc(offset, _I8), 32))
 
-        def _multiply_add(context, builder, acc, q16, xq_type, xq, xo, scales):
-            """acc + scales * (pairwise sums of q16 * xq[xo:xo+32]); LLVM turns the multiply and
-            pairwise add into one vpmaddwd (pmaddwd, smlal on other CPUs)."""
-            i32x32, f32x16 = _vec(_I32, 32), _vec(_F32, 16)
-            x16 = _load(context, builder, xq_type, xq, xo, _I16, 32)
-            products = builder.mul(builder.sext(q16, i32x32), builder.sext(x16, i32x32))
-            pairs = builder.add(_splat(builder, products, 16, list(range(0, 32, 2))),
-                                _splat(builder, products, 16, list(range(1, 32, 2))))
-            lanes = builder.sitofp(pairs, f32x16)
-            fmuladd = builder.module.declare_intrinsic("llvm.fmuladd.v16f32",
-                                                       fnty=_ir.FunctionType(f32x16, [f32x16] * 3))
-            return builder.call(fmuladd, [lanes, scales, acc])
+        def _multiply_add(context, builder, acc, q, xq_type, xq, xo, scales):
+            """acc + scales * (sums of q * xq[xo:xo+32]), q 32 signed bytes. With 16-bit x: sums
+            of pairs, one per lane (LLVM turns the multiply and pairwise add into vpmaddwd).
+            With 8-bit x (llama.cpp's rounding): sums of four, in lanes 0-7 (weights 0-15 in
+            lanes 0-3), lanes 8-15 untouched, scales taken from the even lanes: half the
+            conversions and multiply-adds; on AVX2, vpmaddubsw on |q| and x with q's sign, then
+            vpmaddwd (exact: |x| <= 127, so no pair sum reaches 2^15)."""
+            i16x16, i32x8, i32x32, f32x8, f32x16 = (_vec(_I16, 16), _vec(_I32, 8), _vec(_I32, 32), _vec(_F32, 8),
+                                                    _vec(_F32, 16))
+            if xq_type.dtype.bitwidth == 16:
+                x16 = _load(context, builder, xq_type, xq, xo, _I16, 32)
+                products = builder.mul(builder.sext(q, i32x32), builder.sext(x16, i32x32))
+                pairs = builder.add(_splat(builder, products, 16, list(range(0, 32, 2))),
+                                    _splat(builder, products, 16, list(range(1, 32, 2))))
+                fmuladd = builder.module.declare_intrinsic("llvm.fmuladd.v16f32",
+                                                           fnty=_ir.FunctionType(f32x16, [f32x16] * 3))
+                return builder.call(fmuladd, [builder.sitofp(pairs, f32x16), scales, acc])
+            x8 = _load(context, builder, xq_type, xq, xo, _I8, 32)
+            if "+avx2" in getattr(context.codegen(), "_tm_features", "").split(","):
+                i8x32 = _vec(_I8, 32)
+                magnitude = builder.call(builder.module.declare_intrinsic(
+                    "llvm.abs.v32i8", fnty=_ir.FunctionType(i8x32, [i8x32, _ir.IntType(1)])), [q, _ir.Constant(_ir.IntType(1), 0)])
+                signed_x = builder.call(builder.module.declare_intrinsic(
+                    "llvm.x86.avx2.psign.b", fnty=_ir.FunctionType(i8x32, [i8x32, i8x32])), [x8, q])
+                pairs = builder.call(builder.module.declare_intrinsic(
+                    "llvm.x86.avx2.pmadd.ub.sw", fnty=_ir.FunctionType(i16x16, [i8x32, i8x32])), [magnitude, signed_x])
+                quads = builder.call(builder.module.declare_intrinsic(
+                    "llvm.x86.avx2.pmadd.wd", fnty=_ir.FunctionType(i32x8, [i16x16, i16x16])),
+                    [pairs, _ir.Constant(i16x16, [1] * 16)])
+            else:  # the same integers, portably
+                products = builder.mul(builder.sext(q, i32x32), builder.sext(x8, i32x32))
+                quads = _splat(builder, products, 8, list(range(0, 32, 4)))
+                for k in (1, 2, 3):
+                    quads = builder.add(quads, _splat(builder, products, 8, list(range(k, 32, 4))))
+            low = _splat(builder, acc, 8, list(range(8)))
+            fmuladd = builder.module.declare_intrinsic("llvm.fmuladd.v8f32", fnty=_ir.FunctionType(f32x8, [f32x8] * 3))
+            low = builder.call(fmuladd, [builder.sitofp(quads, f32x8), _splat(builder, scales, 8, list(range(0, 16, 2))), low])
+            widened = builder.shuffle_vector(low, low, _ir.Constant(_vec(_I32, 16), list(range(8)) + [0] * 8))
+            return builder.shuffle_vector(widened, acc, _ir.Constant(_vec(_I32, 16), list(range(8)) + list(range(24, 32))))
 
         def _accumulate(context, builder, acc, q, signed, offset, xq_type, xq, xo, scales):
-            """acc + scales * (pairwise sums of (q - offset) * xq[xo:xo+32]), q 32 bytes."""
-            return _multiply_add(context, builder, acc, _widen(builder, q, signed, offset), xq_type, xq, xo, scales)
+            """acc + scales * (sums of (q - offset) * xq[xo:xo+32]), q 32 bytes (see _multiply_add)."""
+            return _multiply_add(context, builder, acc, _centered(builder, q, offset), xq_type, xq, xo, scales)
 
         def _two_scales(builder, low, high):
             """16 lanes: `low` in lanes 0-7 (weights 0-15 of a block), `high` in 8-15 (16-31)."""
@@ -2111,7 +2147,7 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
             def codegen(context, builder, signature, args):
                 w_, o_, high_, offset_ = args
                 q = _nibble_bytes(context, builder, signature.args[0], w_, o_, high_)
-                return _widen(builder, q, False, offset_)
+                return _centered(builder, q, offset_)
             return _quants(w, o, high, offset), codegen
 
         @_intrinsic
@@ -2119,7 +2155,7 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
             """A Q8_0 block's 32 signed bytes at o, for several _multiply_adds."""
             def codegen(context, builder, signature, args):
                 q = _load(context, builder, signature.args[0], args[0], args[1], _I8, 32)
-                return _widen(builder, q, True, _ir.Constant(_ir.IntType(64), 0))
+                return _centered(builder, q, _ir.Constant(_ir.IntType(64), 0))
             return _quants(w, o), codegen
 
         @_intrinsic
@@ -2299,7 +2335,7 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
             """32 IQ4 weights at o (see _iq4_bytes), for several _multiply_adds."""
             def codegen(context, builder, signature, args):
                 q = _iq4_bytes(context, builder, signature.args[0], args[0], args[1])
-                return _widen(builder, q, True, _ir.Constant(_ir.IntType(64), 0))
+                return _centered(builder, q, _ir.Constant(_ir.IntType(64), 0))
             return _quants(w, o), codegen
 
         def _bytes_at(builder, v, picks, shifts, mask):
@@ -2313,7 +2349,7 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
             with k's helpers: k.load(delta, n), n bytes at o + delta; k.half(delta), the f16 there;
             k.accumulate(acc, q, signed, offset, g, lanes), acc + lanes * the pairwise sums of
             (q - offset) * x's group g (q: 32 weights as bytes; group g: x[32(s+g):32(s+g+1)]);
-            k.madd(acc, q16, g, lanes), the same for weights already 16-bit; k.scales16(v, d,
+            k.madd(acc, q, g, lanes), the same for weights already centered; k.scales16(v, d,
             signed), 16 integer scales (one per 16 weights) times d and x's block scales;
             k.group(scales, g), the two of group g in the 16 lanes."""
             def codegen(context, builder, signature, args):
@@ -2339,7 +2375,7 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
                     half=lambda delta: _load_half(context, builder, wt, w_, at(delta)),
                     accumulate=lambda acc, q, signed, offset, g, lanes: _accumulate(
                         context, builder, acc, q, signed, _ir.Constant(_ir.IntType(64), offset), xt, xq_, x_at(g), lanes),
-                    madd=lambda acc, q16, g, lanes: _multiply_add(context, builder, acc, q16, xt, xq_, x_at(g), lanes),
+                    madd=lambda acc, q, g, lanes: _multiply_add(context, builder, acc, q, xt, xq_, x_at(g), lanes),
                     scales16=scales16,
                     group=lambda scales, g: builder.shuffle_vector(
                         scales, scales, _ir.Constant(_vec(_I32, 16), [2 * g] * 8 + [2 * g + 1] * 8)))
@@ -2361,7 +2397,7 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
                 packed = k.load(0, 16)
                 scales = k.scales16(b.and_(packed, _ir.Constant(_vec(_I8, 16), [15] * 16)), k.half(80))
                 mins = k.scales16(b.lshr(packed, _ir.Constant(_vec(_I8, 16), [4] * 16)), b.fneg(k.half(82)))
-                ones = _ir.Constant(_vec(_I16, 32), [1] * 32)
+                ones = _ir.Constant(_vec(_I8, 32), [1] * 32)
                 for n in range(2):
                     weights = k.load(16 + 32 * n, 32)
                     for j in range(4):
@@ -2723,24 +2759,37 @@ def _rows_many(w, ggml_type, x, xq, xd, xsum, out, first, last):
             _rows(w, ggml_type, x[s], xq[s], xd[s], xsum[s], out[s], tile, end)
 
 
+# How the kernels round a matrix's input (run.load's `activations`; a kernel argument: an empty
+# array of the integer type). 16 bits (the default): logits within 1e-3 of the float
+# computation's scale, and greedy text as transformers'. 8 bits, as llama.cpp rounds them,
+# for the inputs of the query/key/value and gate/up projections (normalized hidden states);
+# the attention output, FFN down and output projections keep 16: 1.1 to 2.6 times the
+# multiply-adds per instruction on those matrices, for a perplexity 0.15% higher on Henry VI
+# part 2 (8 bits everywhere: 0.41%, past the 0.2% we allow) and greedy text that parts from
+# transformers' at near ties.
+ACTIVATIONS = {16: np.zeros(0, np.int16), 8: np.zeros(0, np.int8)}
+
+
 @_jit
-def _quantize(x):
-    """Each row of x (B, n) as 16-bit integers per block of 32: (the integers, each block's
-    scale, each block's sum of its rounded values: scale * sum of its integers)."""
+def _quantize(x, kind):
+    """Each row of x (B, n) as integers of kind's type (int16 or int8) per block of 32: (the
+    integers, each block's scale, each block's sum of its rounded values: scale * sum of its
+    integers)."""
     B, n = x.shape
     blocks = max(n // 32, 1)
-    xq = np.zeros((B, n), np.int16)
+    top_int = np.float32(32767) if kind.itemsize == 2 else np.float32(127)
+    xq = np.zeros((B, n), kind.dtype)
     xd, xsum = np.zeros((B, blocks), np.float32), np.zeros((B, blocks), np.float32)
     for s in range(B):
         for b in range(n // 32):
             top = np.float32(0)
             for j in range(32):
                 top = max(top, abs(x[s, 32 * b + j]))
-            xd[s, b] = top / np.float32(32767)
-            inverse = np.float32(32767) / top if top > 0 else np.float32(0)
+            xd[s, b] = top / top_int
+            inverse = top_int / top if top > 0 else np.float32(0)
             for j in range(32):
                 q = np.floor(x[s, 32 * b + j] * inverse + np.float32(0.5))
-                xq[s, 32 * b + j] = np.int16(q)
+                xq[s, 32 * b + j] = q
                 xsum[s, b] += q
             xsum[s, b] *= xd[s, b]
     return xq, xd, xsum
@@ -2752,7 +2801,7 @@ TILE_ROWS = 8  # rows multiplied with every vector while they are in the L1 cach
 @_kernel
 def _matmul(w, ggml_type, x, xq, xd, xsum, out, chunks):
     """out[s] = w @ x[s] for each row s of x (B, n), a matrix w (rows, row_bytes) in its file
-    type, x also given as _quantize(x). w's rows are split in `chunks` parts shared among the
+    type, x also given as _quantize(x, kind). w's rows are split in `chunks` parts shared among the
     threads; the weights are read from memory once per call, however many vectors (sequences)
     there are. (No array expressions here: in a parallel function each would be a parallel
     region of its own.)"""
@@ -2851,7 +2900,7 @@ def _matmul_at(data, table, m, x, xq, xd, xsum, out, chunks):
 
 @_jit
 def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, post_norms, k_caches, v_caches, cos, sin,
-                   n_head, eps, neox, windows, scale, softcap, gelu, wanted, logits, threads):
+                   n_head, eps, neox, windows, scale, softcap, gelu, wanted, logits, threads, kind):
     """Run tokens (their embeddings x, (T, n_embd)) through every layer, token t at position
     positions[t] of the sequence whose caches are k_caches[seqs[t]], v_caches[seqs[t]] ((layers,
     kv heads, head_dim, positions)); write their keys and values there, and the next-token logits of
@@ -2865,12 +2914,14 @@ def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, p
     attention's and the FFN's outputs) have no rows for a model without them; neox:
     Model._rope; windows[i] > 0: layer i's sliding window, its RoPE from cos[1], sin[1] (the
     others' from cos[0], sin[0]); scale: the queries'; softcap: the attention scores' (Config);
-    gelu: tanh-GELU, not SiLU. A token's
+    gelu: tanh-GELU, not SiLU; kind: the integer type of the q/k/v and gate/up projections'
+    inputs (ACTIVATIONS; the others' is 16 bits). A token's
     numbers depend only on it and the cache before it, never on the others in the call: its
     logits are those it gets alone."""
     n_layer, n_head_kv, head_dim, _ = k_caches[0].shape
     T = x.shape[0]
     chunks = 4 * threads  # smaller pieces than threads, so that a slow thread delays less
+    wide = np.zeros(0, np.int16)
     q = np.empty((T, n_head * head_dim), np.float32)
     k, v = np.empty((T, n_head_kv * head_dim), np.float32), np.empty((T, n_head_kv * head_dim), np.float32)
     att, proj = np.empty((T, n_head * head_dim), np.float32), np.empty(x.shape, np.float32)
@@ -2878,7 +2929,7 @@ def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, p
     for i in range(n_layer):
         m = 7 * i
         h = _rms_norm(x, norms[i, 0], eps)
-        hq, hd, hs = _quantize(h)
+        hq, hd, hs = _quantize(h, kind)
         _matmul_at(data, table, m, h, hq, hd, hs, q, chunks)
         _matmul_at(data, table, m + 1, h, hq, hd, hs, k, chunks)
         _matmul_at(data, table, m + 2, h, hq, hd, hs, v, chunks)
@@ -2896,11 +2947,11 @@ def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, p
             k_caches[seqs[t]][i, :, :, positions[t]] = k[t].reshape(n_head_kv, head_dim)
             v_caches[seqs[t]][i, :, :, positions[t]] = v[t].reshape(n_head_kv, head_dim)
         _attention(q, k_caches, v_caches, i, positions, seqs, n_head, windows[i], scale, softcap, att, threads)
-        aq, ad, as_ = _quantize(att)
+        aq, ad, as_ = _quantize(att, wide)
         _matmul_at(data, table, m + 3, att, aq, ad, as_, proj, chunks)
         x = x + (_rms_norm(proj, post_norms[i, 0], eps) if post_norms.shape[0] else proj)
         h = _rms_norm(x, norms[i, 1], eps)
-        hq, hd, hs = _quantize(h)
+        hq, hd, hs = _quantize(h, kind)
         _matmul_at(data, table, m + 4, h, hq, hd, hs, gate, chunks)
         _matmul_at(data, table, m + 5, h, hq, hd, hs, up, chunks)
         if gelu:
@@ -2908,25 +2959,24 @@ def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, p
                 gate + np.float32(0.044715) * gate * gate * gate))) * up
         else:
             gate = gate / (np.float32(1) + np.exp(-gate)) * up
-        gq, gd, gs = _quantize(gate)
+        gq, gd, gs = _quantize(gate, wide)
         _matmul_at(data, table, m + 6, gate, gq, gd, gs, proj, chunks)
         x = x + (_rms_norm(proj, post_norms[i, 1], eps) if post_norms.shape[0] else proj)
     h = _rms_norm(x[wanted], norms[n_layer, 0], eps)
-    hq, hd, hs = _quantize(h)
+    hq, hd, hs = _quantize(h, wide)
     _matmul_at(data, table, table.shape[0] - 1, h, hq, hd, hs, logits, chunks)
 
 
-_compiled = None  # None: not tried yet; then whether the kernels compiled
+_compiled: dict[int, bool] = {}  # activation bits -> whether the kernels compiled (once tried)
 
 
-def _compile_kernels() -> bool:
+def _compile_kernels(bits: int = 16) -> bool:
     """Compile the kernels (or load them from numba's disk cache) once per process, on a
     one-layer toy model with the argument types a model passes, so that load() pays for it
     rather than the first token. Tensor data are read-only views of the memory-mapped file.
     If they cannot be compiled (a numba too old or too new for this file), say so once and
     let the numpy path run: a slower run.py beats one that does not start."""
-    global _compiled
-    if _compiled is None:
+    if bits not in _compiled:
         data = np.zeros(64, np.uint8)
         data.setflags(write=False)
         table = np.array([[0, 64, 1, 0]] * 8)  # eight 1 x 16 F32 matrices, all the same bytes
@@ -2936,14 +2986,15 @@ def _compile_kernels() -> bool:
                            np.ones((2, 2, 16), np.float32), np.zeros((1, 5), np.float32), np.ones((1, 2, 2), np.float32),
                            np.ones((1, 2, 16), np.float32), numba.typed.List([cache]), numba.typed.List([cache.copy()]),
                            np.ones((2, 1, 1), np.float32), np.zeros((2, 1, 1), np.float32), 1, 1e-5, False,
-                           np.zeros(1, np.int64), 0.5, 0.0, False, np.zeros(1, np.int64), np.zeros((1, 1), np.float32), 1)
-            _compiled = True
+                           np.zeros(1, np.int64), 0.5, 0.0, False, np.zeros(1, np.int64), np.zeros((1, 1), np.float32), 1,
+                           ACTIVATIONS[bits])
+            _compiled[bits] = True
         except Exception as e:  # numba reports compile failures with many exception types
             first_line = (str(e).strip().splitlines() or [""])[0]
             print(f"run.py: numba {numba.__version__} could not compile the kernels "
                   f"({type(e).__name__}: {first_line}); using numpy", file=sys.stderr)
-            _compiled = False
-    return _compiled
+            _compiled[bits] = False
+    return _compiled[bits]
 
 
 if __name__ == "__main__":
