@@ -19,6 +19,13 @@ of a sampled token's time; peak RSS of a fresh process that loads the model and 
 and generation speed as a fraction of the bandwidth roofline: bandwidth measured in the same
 run / bytes of weights read per generated token. The chart (tok/s against weights read per token,
 with the roofline) goes to bench/run_speed.png.
+
+    python bench/run_speed.py FILES --llama-cpp --activations 8
+
+--llama-cpp runs llama.cpp's llama-bench (bench/llama_cpp.py builds it once from the
+llama-cpp-python sdist) on each file in the same run, with the same threads, prompt and
+generation lengths, and prints run.py's figures beside its with their ratios. --activations
+picks run.load's rounding of the kernels' inputs (16 bits by default, 8 as llama.cpp).
 """
 
 from __future__ import annotations
@@ -331,12 +338,25 @@ def child_load_and_rss(path: Path, gen_tokens: int, numpy_only: bool = False) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_file(path: Path, runs: int, gen_tokens: int, bandwidth: float) -> dict:
+def llama_cpp_speed(path: Path, runs: int, prompt_tokens: int, gen_tokens: int) -> tuple[float, float]:
+    """llama.cpp's llama-bench on the file with as many threads as run.py uses (built by
+    bench/llama_cpp.py on first use): (prompt tok/s, generation tok/s), each the mean of runs."""
+    from bench import llama_cpp
+
+    out = subprocess.run([str(llama_cpp.binary("llama-bench")), "-m", str(path), "-t", str(run.default_threads()),
+                          "-p", str(prompt_tokens), "-n", str(gen_tokens), "-r", str(runs), "-o", "json"],
+                         capture_output=True, text=True, check=True)
+    rows = json.loads(out.stdout)
+    return (next(r["avg_ts"] for r in rows if r["n_prompt"] > 0), next(r["avg_ts"] for r in rows if r["n_gen"] > 0))
+
+
+def bench_file(path: Path, runs: int, gen_tokens: int, bandwidth: float, activations: int, llama_cpp: bool) -> dict:
     big = path.stat().st_size > BIG
     prompt_tokens, gen_tokens = (128, 16) if big else (512, gen_tokens)
     child_load_and_rss(path, 1)  # compiles the kernels if run.py changed since they were cached
     children = [child_load_and_rss(path, 16) for _ in range(runs)]
-    model = run.load(str(path))
+    run.load(str(path), activations=activations)  # compiles that variant of the kernels, if new
+    model = run.load(str(path), activations=activations)
     prompt = model.tokenize(PROMPT * 40)[:prompt_tokens]
     pp = []
     for _ in range(1 if big else runs):
@@ -350,7 +370,8 @@ def bench_file(path: Path, runs: int, gen_tokens: int, bandwidth: float) -> dict
     per_token = bytes_per_token(model)
     roofline = bandwidth * 1e9 / per_token
     types = sorted({t.type_name for t in model.gguf.tensors.values() if len(t.shape) == 2})
-    return {"file": path.name, "types": "/".join(types), "size_mb": path.stat().st_size / 1e6,
+    reference = llama_cpp_speed(path, runs, len(prompt), gen_tokens) if llama_cpp else (float("nan"), float("nan"))
+    return {"llama_cpp_prompt_tok_s": reference[0], "llama_cpp_gen_tok_s": reference[1],"file": path.name, "types": "/".join(types), "size_mb": path.stat().st_size / 1e6,
             "load_s": statistics.median(c["load"] for c in children),
             "prompt_tokens": len(prompt), "prompt_tok_s": statistics.median(pp),
             "gen_tokens": gen_tokens, "gen_tok_s": tg, "gen_sampled_tok_s": tg_sampled,
@@ -398,12 +419,19 @@ def main():
     p.add_argument("--runs", type=int, default=3, help="runs per measurement; medians reported (default: %(default)s)")
     p.add_argument("--gen-tokens", type=int, default=128,
                    help="tokens generated per run; 16 for files over 1 GB (default: %(default)s)")
+    p.add_argument("--activations", type=int, choices=sorted(run.ACTIVATIONS), default=16,
+                   help="run.load's rounding of the kernels' inputs, in bits (default: %(default)s)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also run llama.cpp's llama-bench on each file (built once, about 15 minutes) and "
+                        "print the ratios (default: off)")
     args = p.parse_args()
     files = [Path(m) for m in args.models] if args.models else default_files()
     print(f"machine: {machine()}")
     bandwidth = memory_bandwidth(5)
     print(f"memory bandwidth (numpy copy of 1 GiB, read + write, median of 5): {bandwidth:.1f} GB/s")
-    results = [bench_file(path, args.runs, args.gen_tokens, bandwidth) for path in files]
+    print(f"run.py: activations rounded to {args.activations} bits")
+    results = [bench_file(path, args.runs, args.gen_tokens, bandwidth, args.activations, args.llama_cpp)
+               for path in files]
     # this machine's bandwidth drifts (19 to 25 GB/s seen): measure again after the models and
     # take the higher figure, so that no roofline fraction is flattered by a slow moment
     again = memory_bandwidth(5)
@@ -426,6 +454,14 @@ def main():
     for r in results:
         print(f"{r['file']} | {r['vocab']:,} | {r['gen_tok_s']:.2f} tok/s | {r['gen_sampled_tok_s']:.2f} tok/s | "
               f"{r['sample_ms']:.3f} | {r['sample_share']:.1%}", flush=True)
+    if args.llama_cpp:
+        print(f"side by side with llama.cpp (llama-bench -t {run.default_threads()}, same files, same run): "
+              "file | generation run.py / llama.cpp tok/s | ratio | prompt run.py / llama.cpp tok/s | ratio")
+        for r in results:
+            print(f"{r['file']} | {r['gen_tok_s']:.1f} / {r['llama_cpp_gen_tok_s']:.1f} | "
+                  f"{r['gen_tok_s'] / r['llama_cpp_gen_tok_s']:.2f} | {r['prompt_tok_s']:.1f} / "
+                  f"{r['llama_cpp_prompt_tok_s']:.1f} (pp{r['prompt_tokens']}) | "
+                  f"{r['prompt_tok_s'] / r['llama_cpp_prompt_tok_s']:.2f}", flush=True)
     r = child_load_and_rss(files[0], 9, numpy_only=True)  # what run.py does with numpy alone
     print(f"numpy only (RUN_PY_NUMBA=0), {files[0].name}: load {r['load']:.2f} s, generation {r['tg']:.2f} tok/s "
           f"(tg8), peak RSS {r['rss'] / 1e6:.0f} MB")
