@@ -355,7 +355,6 @@ def bench_file(path: Path, runs: int, gen_tokens: int, bandwidth: float, activat
     prompt_tokens, gen_tokens = (128, 16) if big else (512, gen_tokens)
     child_load_and_rss(path, 1)  # compiles the kernels if run.py changed since they were cached
     children = [child_load_and_rss(path, 16) for _ in range(runs)]
-    run.load(str(path), activations=activations)  # compiles that variant of the kernels, if new
     model = run.load(str(path), activations=activations)
     prompt = model.tokenize(PROMPT * 40)[:prompt_tokens]
     pp = []

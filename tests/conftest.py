@@ -442,4 +442,3 @@ def check_near_greedy_tokens(ours, hf_model, hf_tokenizer, prompt, n=32, margin=
     logits[:, sorted(ours.tokenizer.eog_ids)] = -np.inf  # ignore_eos: never picked
     gaps = logits.max(axis=-1) - logits[np.arange(len(gen.tokens)), gen.tokens]
     assert len(gen.tokens) == n and gaps.max() <= margin, gaps.max()
-    return gaps
