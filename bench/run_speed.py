@@ -461,9 +461,16 @@ def main():
                   f"{r['gen_tok_s'] / r['llama_cpp_gen_tok_s']:.2f} | {r['prompt_tok_s']:.1f} / "
                   f"{r['llama_cpp_prompt_tok_s']:.1f} (pp{r['prompt_tokens']}) | "
                   f"{r['prompt_tok_s'] / r['llama_cpp_prompt_tok_s']:.2f}", flush=True)
-    r = child_load_and_rss(files[0], 9, numpy_only=True)  # what run.py does with numpy alone
+    # what run.py does with numpy alone: every matrix decoded to float32 at load (when the
+    # copies fit in half the available memory), so a token reads 4 bytes a weight
+    r = child_load_and_rss(files[0], 33, numpy_only=True)
+    model = run.load(str(files[0]))
+    decoded = 4 * sum(t.shape[0] * t.shape[1] for t in [model.output] + [
+        m for L in model.layers for m in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)])
     print(f"numpy only (RUN_PY_NUMBA=0), {files[0].name}: load {r['load']:.2f} s, generation {r['tg']:.2f} tok/s "
-          f"(tg8), peak RSS {r['rss'] / 1e6:.0f} MB")
+          f"(tg32): {r['tg'] * bytes_per_token(model) / (bandwidth * 1e9):.1%} of the file's roofline, "
+          f"{r['tg'] * decoded / (bandwidth * 1e9):.1%} of the float32 copies' ({decoded / 1e6:.0f} MB a token); "
+          f"peak RSS {r['rss'] / 1e6:.0f} MB")
     if not args.models:
         out = Path(__file__).with_suffix(".png")
         chart(results, bandwidth, out)

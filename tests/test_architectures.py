@@ -72,9 +72,13 @@ def test_the_file_says_what_it_is(family):
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 @pytest.mark.parametrize("path_kind", ["numpy", "numba"])
-def test_logits_match_transformers(family, qtype, path_kind):
+def test_logits_match_transformers(family, qtype, path_kind, monkeypatch):
     if path_kind == "numba" and run.numba is None:
         pytest.skip("numba is not installed")
+    # a 40-token prompt in a default session: the BLAS path (with numba, its compiled
+    # decoders), attention in three blocks of queries (sliding windows, soft caps)
+    monkeypatch.setattr(run, "SHORT_PROMPT", 32)
+    monkeypatch.setattr(run, "ATTEND_BLOCK", 16)
     path, hf = family[1][qtype]
     m = run.load(str(path))
     m.use_numba = path_kind == "numba"

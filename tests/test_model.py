@@ -51,6 +51,34 @@ def test_quantized_logits_match_transformers(tmp_path, bpe_tokenizer, qtype):
     default = run.load(path)
     assert default.use_numba == (run.numba is not None and qtype in run.KERNEL_TYPES)
     assert np.abs(default.logits(ids) - theirs).max() <= 1e-3 * max(1.0, np.abs(theirs).max())
+    # every matrix decoded once at load: numpy's BLAS on float32 copies, prompt and steps
+    decoded = run.load(path, decode=True)
+    assert not decoded.use_numba and decoded.layers[0].w_down.type == decoded.output.type == Q.F32
+    s = decoded.session()
+    rows = np.concatenate([s.feed(ids[:20], all_logits=True)] + [s.step(i)[None] for i in ids[20:]])
+    assert np.abs(rows - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_matrices_decoded_at_load_without_kernels_when_they_fit(tmp_path, bpe_tokenizer, monkeypatch, tie):
+    """Without the kernels (numba = None), load decodes every matrix to float32 when the
+    copies take at most half the available memory, and not otherwise; tied embeddings share
+    one copy."""
+    model = tiny_llama(tie=tie, hidden=256, ff=512, n_head=4, n_head_kv=1)
+    path = write_llama_gguf(tmp_path / "m.gguf", model, bpe_metadata(bpe_tokenizer, "gpt-2"), qtype=Q.Q4_K)
+    monkeypatch.setattr(run, "numba", None)
+    weights = sum(t.shape[0] * t.shape[1] for name, t in run.read_gguf(str(path)).tensors.items()
+                  if len(t.shape) == 2 and (name != "token_embd.weight" or tie))
+    monkeypatch.setattr(run, "available_memory", lambda: 8 * weights)
+    m = run.load(str(path))
+    assert not m.use_numba and m.layers[1].wq.type == m.output.type == Q.F32
+    assert (m.token_embd is m.output) == tie and m.token_embd.type == (Q.F32 if tie else Q.Q4_K)
+    ids = list(np.random.default_rng(2).integers(0, 320, 12))
+    theirs = hf_logits(model, ids)
+    assert np.abs(m.logits(ids) - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
+    monkeypatch.setattr(run, "available_memory", lambda: 8 * weights - 1)
+    m = run.load(str(path))
+    assert m.layers[1].wq.type == m.output.type == Q.Q4_K
 
 
 def test_kv_cache_decode_matches_full_pass(tiny_gguf):

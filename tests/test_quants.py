@@ -1,5 +1,6 @@
-"""run.py's tensor decoders, bit-exact against the gguf package's numpy reference
-(`gguf.quants`), on random blocks of every supported type."""
+"""run.py's tensor decoders (numpy's, and the compiled ones of prompts' matrix products),
+bit-exact against the gguf package's numpy reference (`gguf.quants`), on random blocks of
+every supported type."""
 
 import numpy as np
 import pytest
@@ -29,6 +30,44 @@ def test_random_blocks_bit_exact(qtype):
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = random_blocks(qtype, 512, rng).reshape(64, -1)  # 64 rows of 8 blocks
     assert_bit_exact(run.dequantize(raw, qtype), gguf.quants.dequantize(raw, qtype))
+
+
+needs_numba = pytest.mark.skipif(run.numba is None, reason="numba is not installed")
+
+
+@needs_numba
+@pytest.mark.parametrize("qtype", QUANTIZED + [Q.F16, Q.BF16, Q.F32], ids=lambda q: q.name)
+def test_compiled_decoders_bit_exact(qtype):
+    """The decoders of prompts' matrix products, on rows split among 1 to 3 threads (an odd
+    row count: the threads' shares differ), every bit pattern of the packed weights."""
+    assert run._compile_kernels()
+    rng = np.random.default_rng(100 + int(qtype))
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = 67, 512
+    if block == 1:  # float rows: any bits but f16's inf/nan patterns
+        bits = rng.integers(0, 1 << 8 * size, (rows, cols), dtype=np.uint16 if size == 2 else np.uint32)
+        if qtype == Q.F16:
+            bits[bits & 0x7C00 == 0x7C00] = 0
+        raw = bits.view(np.uint8)
+    else:
+        raw = random_blocks(qtype, rows * cols // block, rng).reshape(rows, -1)
+    expected = gguf.quants.dequantize(raw, qtype)
+    for threads in (1, 2, 3):
+        out = np.full((rows, cols), np.nan, np.float32)
+        run._decode_rows(raw, int(qtype), out, threads)
+        assert_bit_exact(out, expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_0], ids=lambda q: q.name)
+def test_matmul_with_compiled_decoders_is_numpys(qtype):
+    """matmul with threads decodes by the compiled decoders: the same product, bit for bit."""
+    rng = np.random.default_rng(9)
+    rows, cols = 4099, 512
+    raw = random_blocks(qtype, rows * cols // gguf.GGML_QUANT_SIZES[qtype][0], rng).reshape(rows, -1)
+    info = run.TensorInfo("w", (rows, cols), int(qtype), 0, raw.nbytes, raw.reshape(-1))
+    x = rng.standard_normal((5, cols)).astype(np.float32)
+    assert_bit_exact(run.matmul(x, info, threads=2), run.matmul(x, info))
 
 
 @pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0], ids=lambda q: q.name)

@@ -68,6 +68,20 @@ def test_feed_step_rewind_prefill_against_transformers(path_and_model):
     assert s.tokens == again  # a refused feed changes nothing
 
 
+def test_long_prompt_after_cached_tokens(path_and_model, monkeypatch):
+    """A prompt through the BLAS path (with numba, its compiled decoders) after tokens already
+    in the cache, its attention in blocks of queries each against the keys it sees."""
+    monkeypatch.setattr(run, "ATTEND_BLOCK", 16)
+    path, model, use_numba = path_and_model
+    m = load(path, use_numba)
+    ids = list(np.random.default_rng(5).integers(0, 320, 120))
+    s = m.session()
+    s.feed(ids[:30])
+    assert len(ids) - 30 >= run.SHORT_PROMPT
+    oracle = hf_logits(model, ids)[30:]
+    assert np.abs(s.feed(ids[30:], all_logits=True) - oracle).max() <= 1e-4 * max(1.0, np.abs(oracle).max())
+
+
 def test_logprobs_of_continuations_reuse_the_context(path_and_model):
     """Multiple-choice scoring: log P(choice | context) for each token of each choice equals
     transformers' log-softmax; the context stays cached across the choices."""

@@ -17,9 +17,10 @@ or use it from Python:
 
 The file reads top to bottom in the order data flows: GGUF reader, tensor types, config and
 the forward pass, tokenizer, sampler, sessions with generation and chat, command line; then,
-as an appendix, the compiled kernels. It needs only numpy and the standard library; jinja2
-renders chat templates when present, and numba, when present, compiles the kernels that
-generate tokens about 40 times faster (--threads N).
+as an appendix, the compiled kernels. It needs only numpy and the standard library (it then
+holds the matrices decoded to float32, when they fit); jinja2 renders chat templates when
+present, and numba, when present, compiles the kernels that run on the quantized blocks:
+about 4 times faster generation in a quarter of the memory (--threads N).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import sys
 import threading
 import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Iterable, Iterator, Sequence
@@ -418,9 +420,15 @@ def dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
     return out.reshape(*lead, -1)
 
 
-def matmul(x: np.ndarray, w: TensorInfo) -> np.ndarray:
-    """x (T, cols) @ w.T for a weight matrix w (rows, cols) kept in its file type."""
-    parts = matmul_parts(x, w)
+# One compiled call at a time: numba's thread pool may not be entered from two threads at once
+# (its 'workqueue' layer aborts), and one call already uses every core.
+_KERNEL_LOCK = threading.Lock()
+
+
+def matmul(x: np.ndarray, w: TensorInfo, threads: int = 0) -> np.ndarray:
+    """x (T, cols) @ w.T for a weight matrix w (rows, cols) kept in its file type (threads: see
+    matmul_parts)."""
+    parts = matmul_parts(x, w, threads)
     _, part = next(parts)
     if part.shape[1] == w.shape[0]:  # one slice: the whole product
         return part
@@ -431,17 +439,45 @@ def matmul(x: np.ndarray, w: TensorInfo) -> np.ndarray:
     return out
 
 
-def matmul_parts(x: np.ndarray, w: TensorInfo) -> Iterator[tuple[int, np.ndarray]]:
-    """x @ w.T a slice of w's rows at a time, each slice unpacked to float32 (about 8 MB):
-    (the slice's first row, x @ slice.T)."""
+def matmul_parts(x: np.ndarray, w: TensorInfo, threads: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """x @ w.T a slice of w's rows at a time (see decoded_parts): (the slice's first row,
+    x @ slice.T)."""
+    for first, part in decoded_parts(w, threads):
+        yield first, x @ part.T
+
+
+def decoded_parts(w: TensorInfo, threads: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """w's rows decoded to float32 a slice at a time (about 8 MB; valid until the next):
+    (the slice's first row, the slice). threads > 0: by the compiled decoders on that many
+    threads (the same numbers, ten times as fast), else by numpy's."""
     rows, cols = w.shape
     raw = w.data.reshape(rows, -1)
     if w.type == GGMLType.F32:
-        yield 0, x @ raw.view(np.float32).T
+        yield 0, raw.view(np.float32)
         return
     step = max(1, (1 << 21) // cols)
+    decoded = np.empty((min(step, rows), cols), np.float32) if threads else None
     for first in range(0, rows, step):
-        yield first, x @ dequantize(raw[first:first + step], w.type).T
+        if threads:
+            n = min(step, rows - first)
+            _decode_rows(raw[first:first + n], w.type, decoded[:n], threads)
+            yield first, decoded[:n]
+        else:
+            yield first, dequantize(raw[first:first + step], w.type)
+
+
+_POOL: list[ThreadPoolExecutor] = []  # _decode_rows' threads, made on first use
+
+
+def _decode_rows(raw: np.ndarray, ggml_type: int, out: np.ndarray, threads: int) -> None:
+    """out = raw's rows decoded by the compiled decoders, on `threads` Python threads: numba's
+    own pool would keep its threads spinning after the call, and halve the speed of the BLAS
+    product that follows on the same cores (measured)."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="run.py-decode"))
+    cuts = [len(raw) * t // threads for t in range(threads + 1)]
+    for done in [_POOL[0].submit(_unpack_rows, raw[a:b], int(ggml_type), out[a:b]) for a, b in zip(cuts, cuts[1:])]:
+        done.result()
 
 
 def row_slice(w: TensorInfo, first: int, n: int) -> TensorInfo:
@@ -628,8 +664,9 @@ class Layer:
 
 
 PROMPT_BATCH = 512  # prompt tokens per matrix-matrix pass (bounds the attention scores' memory)
-SHORT_PROMPT = 32   # with numba, fewer new tokens than this go through the kernels (measured crossover)
+SHORT_PROMPT = 64   # with numba, fewer new tokens than this go through the kernels (measured crossover)
 KERNEL_BATCH = 64   # tokens per pass of the kernels over the weights
+ATTEND_BLOCK = 128  # queries per block of a prompt's attention (numpy)
 SCORE_BATCH = 2048  # tokens per pass when scoring: the weights' unpacking shared by more (measured)
 
 
@@ -637,7 +674,8 @@ class Model:
     """A GGUF model (see ARCHITECTURES): its weights (memory-mapped, in their file types), tokenizer and
     config. Read-only once loaded: one Model serves any number of Sessions, from any threads."""
 
-    def __init__(self, gguf: GGUFFile, n_ctx: int | None = None, threads: int | None = None, activations: int = 16):
+    def __init__(self, gguf: GGUFFile, n_ctx: int | None = None, threads: int | None = None, activations: int = 16,
+                 decode: bool | None = None):
         self.gguf, self.metadata, self.path = gguf, gguf.metadata, gguf.path
         self.config = c = _config(gguf)
         self.tokenizer = Tokenizer(gguf.metadata, gguf.path)
@@ -709,8 +747,14 @@ class Model:
             raise ValueError(f"activations must be 16 or 8 bits, not {activations!r}")
         # the compiled kernels, when numba is there and has one for every matrix's type (tests set False)
         matrices = [t for L in self.layers for t in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
-        self.use_numba = (numba is not None and all(t.type in KERNEL_TYPES for t in matrices + [self.output])
-                          and _compile_kernels(activations))
+        kernels = (numba is not None and all(t.type in KERNEL_TYPES for t in matrices + [self.output])
+                   and _compile_kernels(activations))
+        if decode is None:  # numpy decodes a matrix 10 to 50 times slower than BLAS multiplies it
+            decode = not kernels and 4 * sum(t.shape[0] * t.shape[1] for t in matrices + [self.output]) <= \
+                available_memory() // 2
+        if decode:
+            self._decode_matrices(threads if kernels else 0)
+        self.use_numba = kernels and not decode
         self.activation_bits = activations
         self.threads = min(threads, numba.config.NUMBA_NUM_THREADS) if self.use_numba else threads
         if self.use_numba:
@@ -724,6 +768,25 @@ class Model:
             posts = [(L.attn_post_norm, L.ffn_post_norm) for L in self.layers if L.attn_post_norm is not None]
             self._post_norms = np.array(posts, np.float32).reshape(len(posts), 2, c.n_embd)
             self._windows = np.array([c.sliding_window if L.swa else 0 for L in self.layers], np.int64)
+
+    def _decode_matrices(self, threads: int):
+        """Every matrix decoded to float32 once, in memory, in place of its file bytes (matmul
+        then runs BLAS on them directly): for the numpy path, 4 bytes a weight. threads: see
+        decoded_parts."""
+        def decoded(t: TensorInfo) -> TensorInfo:
+            if t.type == GGMLType.F32:
+                return t
+            out = np.empty(t.shape, np.float32)
+            for first, part in decoded_parts(t, threads):
+                out[first:first + len(part)] = part
+            return TensorInfo(t.name, t.shape, GGMLType.F32, t.offset, out.nbytes, out.reshape(-1).view(np.uint8))
+        for L in self.layers:
+            for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+                setattr(L, name, decoded(getattr(L, name)))
+        tied = self.output is self.token_embd
+        self.output = decoded(self.output)
+        if tied:  # the same float32 copy for the embedding's rows
+            self.token_embd = self.output
 
     # -- the Python interface -------------------------------------------------
     def session(self, exact: bool = False) -> Session:
@@ -784,7 +847,12 @@ class Model:
             return self._attend(q, k_cache[i, :, :, :S], v_cache[i, :, :, :S], window if self.layers[i].swa else mask)
 
         x = self._layers(tokens, np.arange(start, S), attend)
-        return self._capped(matmul(x if all_logits else x[-1:], self.output))
+        return self._capped(matmul(x if all_logits else x[-1:], self.output, self._decoders))
+
+    @property
+    def _decoders(self) -> int:
+        """matmul's threads: the compiled decoders' where the kernels run, else 0 (numpy's)."""
+        return self.threads if self.use_numba else 0
 
     def _capped(self, logits):
         """Gemma 2's final soft-capping of logits, in place."""
@@ -804,10 +872,11 @@ class Model:
         if c.embd_scale != 1.0:
             x *= np.float32(c.embd_scale)
         q_dim, kv_dim = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        threads = self._decoders
         for i, L in enumerate(self.layers):
             cos, sin = cos_sin[L.swa]
             h = rms_norm(x, L.attn_norm, c.norm_eps)
-            q, k, v = matmul(h, L.wq), matmul(h, L.wk), matmul(h, L.wv)
+            q, k, v = matmul(h, L.wq, threads), matmul(h, L.wk, threads), matmul(h, L.wv, threads)
             if L.qkv_bias is not None:
                 q, k, v = q + L.qkv_bias[:q_dim], k + L.qkv_bias[q_dim:q_dim + kv_dim], v + L.qkv_bias[q_dim + kv_dim:]
             q, k = q.reshape(T, c.n_head, c.head_dim), k.reshape(T, c.n_head_kv, c.head_dim)
@@ -815,30 +884,41 @@ class Model:
                 q, k = rms_norm(q, L.q_norm, c.norm_eps), rms_norm(k, L.k_norm, c.norm_eps)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             v = v.reshape(T, c.n_head_kv, c.head_dim)
-            out = matmul(attend(i, q, k, v), L.wo)
+            out = matmul(attend(i, q, k, v), L.wo, threads)
             x = x + (out if L.attn_post_norm is None else rms_norm(out, L.attn_post_norm, c.norm_eps))
             h = rms_norm(x, L.ffn_norm, c.norm_eps)
-            gate = (gelu_tanh if c.gelu else silu)(matmul(h, L.w_gate))
-            gate *= matmul(h, L.w_up)
-            out = matmul(gate, L.w_down)
+            gate = (gelu_tanh if c.gelu else silu)(matmul(h, L.w_gate, threads))
+            gate *= matmul(h, L.w_up, threads)
+            out = matmul(gate, L.w_down, threads)
             x = x + (out if L.ffn_post_norm is None else rms_norm(out, L.ffn_post_norm, c.norm_eps))
         return rms_norm(x, self.output_norm, c.norm_eps)
 
     def _attend(self, q, keys, values, mask):
         """Queries q (T, n_head, head_dim) over keys and values (n_head_kv, head_dim, S), query t
-        seeing the keys where mask[t] (T, S) is True: (T, n_head * head_dim)."""
+        seeing the keys where mask[t] (T, S) is True: (T, n_head * head_dim). ATTEND_BLOCK
+        queries at a time, each block against the keys up to the last one it sees (a prompt's
+        causal mask: half the products of all queries against all keys), scores in place."""
         c = self.config
-        T, S = len(q), keys.shape[-1]
+        T = len(q)
         # grouped-query attention: query head j uses key/value head j // group
-        group, scale = c.n_head // c.n_head_kv, c.attn_scale or 1.0 / c.head_dim ** 0.5
+        group, scale = c.n_head // c.n_head_kv, np.float32(c.attn_scale or 1.0 / c.head_dim ** 0.5)
         q = q.reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
-        scores = (q.reshape(c.n_head_kv, group * T, c.head_dim) @ keys) * scale
-        if c.attn_softcap:
-            scores = np.tanh(scores / np.float32(c.attn_softcap)) * np.float32(c.attn_softcap)
-        scores = np.where(mask, scores.reshape(c.n_head_kv, group, T, S), -np.inf)
-        probs = softmax(scores).reshape(c.n_head_kv, group * T, S)
-        att = (probs @ values.transpose(0, 2, 1)).reshape(c.n_head_kv, group, T, c.head_dim)
-        return att.transpose(2, 0, 1, 3).reshape(T, -1)
+        values = values.transpose(0, 2, 1)  # (kv, S, hd)
+        out = np.empty((T, c.n_head_kv, group, c.head_dim), np.float32)
+        for a in range(0, T, ATTEND_BLOCK):
+            b = min(a + ATTEND_BLOCK, T)
+            S = np.flatnonzero(mask[a:b].any(axis=0))[-1] + 1  # the keys [0, S) are the block's
+            scores = np.matmul(q[:, :, a:b], keys[:, None, :, :S])  # (kv, group, b - a, S)
+            scores *= scale
+            if c.attn_softcap:
+                cap = np.float32(c.attn_softcap)
+                np.multiply(np.tanh(np.divide(scores, cap, out=scores), out=scores), cap, out=scores)
+            np.copyto(scores, -np.inf, where=~mask[a:b, :S])
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            out[a:b] = np.matmul(scores, values[:, None, :S]).transpose(2, 0, 1, 3)
+        return out.reshape(T, -1)
 
     def _score(self, trees: list[_PrefixTree]) -> Iterator[list[tuple[np.ndarray, bool]]]:
         """One pass for the prefix trees' tokens; each tree's pairs' log-probabilities."""
@@ -864,7 +944,7 @@ class Model:
         top = np.full(len(needed), -np.inf, np.float32)
         total, best = np.zeros(len(needed)), np.zeros(len(needed), np.int64)
         picked = np.empty(len(rows), np.float32)
-        for first, logits in matmul_parts(x[needed], self.output):
+        for first, logits in matmul_parts(x[needed], self.output, self._decoders):
             logits = self._capped(logits)
             inside = (targets >= first) & (targets < first + logits.shape[1])
             picked[inside] = logits[where[inside], targets[inside] - first]
@@ -918,8 +998,6 @@ class Model:
         if c.embd_scale != 1.0:
             x *= np.float32(c.embd_scale)
         logits = np.empty((len(wanted), self.config.n_vocab), np.float32)
-        # one kernel call at a time: numba's own thread pool may not be entered from two
-        # threads at once (its 'workqueue' layer aborts), and one call already uses every core
         with _KERNEL_LOCK:
             numba.set_num_threads(self.threads)  # per calling thread in numba
             _decode_tokens(x, positions, np.asarray(seqs, np.int64), self.gguf.data, self._table, self._norms,
@@ -971,10 +1049,28 @@ def _prefix_tree(model: Model, pairs: Sequence[tuple[Sequence[int], Sequence[int
                        lengths)
 
 
-def load(path: str, n_ctx: int | None = None, threads: int | None = None, activations: int = 16) -> Model:
+def load(path: str, n_ctx: int | None = None, threads: int | None = None, activations: int = 16,
+         decode: bool | None = None) -> Model:
     """Load a GGUF model: the tensors stay memory-mapped in their file types. activations:
-    the compiled kernels' rounding of each matrix's input, 16 or 8 bits (ACTIVATIONS)."""
-    return Model(read_gguf(path), n_ctx, threads, activations)
+    the compiled kernels' rounding of each matrix's input, 16 or 8 bits (ACTIVATIONS).
+    decode: hold every matrix decoded to float32 and run on numpy's BLAS; by default when
+    the kernels cannot run (no numba) and the copies take at most half the available memory."""
+    return Model(read_gguf(path), n_ctx, threads, activations, decode)
+
+
+def available_memory() -> int:
+    """Bytes of memory free for new use (Linux's MemAvailable, else the free pages), 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def default_threads() -> int:
@@ -1463,8 +1559,6 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
 # Sessions, generation and chat
 # ---------------------------------------------------------------------------
 
-_KERNEL_LOCK = threading.Lock()
-
 
 class Session:
     """One conversation (or scoring job) on a shared Model: its KV cache and the tokens in it.
@@ -1482,9 +1576,9 @@ class Session:
     exact=True runs every token through the compiled kernels (or, without numba, one at a
     time), so a token's logits are bit-identical however the tokens before it were fed (one by
     one, in batches, beside other sessions' tokens) and whatever the thread count: what an
-    encoder and a decoder that must agree to the bit need. By default, 32 or more new tokens
-    with numba (2 or more without) run as matrix-matrix products (BLAS), faster for long
-    prompts, equal within float32 rounding (1e-3)."""
+    encoder and a decoder that must agree to the bit need. By default, SHORT_PROMPT or more
+    new tokens with numba (2 or more without) run as matrix-matrix products (BLAS), faster for
+    long prompts, equal within float32 rounding (1e-3)."""
 
     def __init__(self, model: Model, exact: bool = False):
         self.model, self.exact = model, exact
@@ -2016,13 +2110,14 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
             (Q8_0's and IQ4's are signed already, offset 0; the others are at most 63 - 32)."""
             return builder.sub(q, _splat(builder, builder.trunc(offset, _I8), 32))
 
-        def _multiply_add(context, builder, acc, q, xq_type, xq, xo, scales):
+        def _multiply_add(context, builder, acc, q, xq_type, xq, xo, scales, unsigned=None):
             """acc + scales * (sums of q * xq[xo:xo+32]), q 32 signed bytes. With 16-bit x: sums
             of pairs, one per lane (LLVM turns the multiply and pairwise add into vpmaddwd).
             With 8-bit x (llama.cpp's rounding): sums of four, in lanes 0-7 (weights 0-15 in
             lanes 0-3), lanes 8-15 untouched, scales taken from the even lanes: half the
             conversions and multiply-adds; on AVX2, vpmaddubsw on |q| and x with q's sign, then
-            vpmaddwd (exact: |x| <= 127, so no pair sum reaches 2^15)."""
+            vpmaddwd (exact: |x| <= 127, so no pair sum reaches 2^15); where `unsigned` (an i1)
+            is true, q's bytes are known to be 0 to 63 and go to vpmaddubsw as they are."""
             i16x16, i32x8, i32x32, f32x8, f32x16 = (_vec(_I16, 16), _vec(_I32, 8), _vec(_I32, 32), _vec(_F32, 8),
                                                     _vec(_F32, 16))
             if xq_type.dtype.bitwidth == 16:
@@ -2040,6 +2135,8 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
                     "llvm.abs.v32i8", fnty=_ir.FunctionType(i8x32, [i8x32, _ir.IntType(1)])), [q, _ir.Constant(_ir.IntType(1), 0)])
                 signed_x = builder.call(builder.module.declare_intrinsic(
                     "llvm.x86.avx2.psign.b", fnty=_ir.FunctionType(i8x32, [i8x32, i8x32])), [x8, q])
+                if unsigned is not None:  # a constant after inlining: LLVM keeps one side
+                    magnitude, signed_x = builder.select(unsigned, q, magnitude), builder.select(unsigned, x8, signed_x)
                 pairs = builder.call(builder.module.declare_intrinsic(
                     "llvm.x86.avx2.pmadd.ub.sw", fnty=_ir.FunctionType(i16x16, [i8x32, i8x32])), [magnitude, signed_x])
                 quads = builder.call(builder.module.declare_intrinsic(
@@ -2057,8 +2154,11 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
             return builder.shuffle_vector(widened, acc, _ir.Constant(_vec(_I32, 16), list(range(8)) + list(range(24, 32))))
 
         def _accumulate(context, builder, acc, q, signed, offset, xq_type, xq, xo, scales):
-            """acc + scales * (sums of (q - offset) * xq[xo:xo+32]), q 32 bytes (see _multiply_add)."""
-            return _multiply_add(context, builder, acc, _centered(builder, q, offset), xq_type, xq, xo, scales)
+            """acc + scales * (sums of (q - offset) * xq[xo:xo+32]), q 32 bytes (see _multiply_add;
+            unsigned bytes and offset 0: no signs to move)."""
+            unsigned = (_ir.Constant(_ir.IntType(1), 0) if signed else
+                        builder.icmp_signed("==", offset, _ir.Constant(offset.type, 0)))
+            return _multiply_add(context, builder, acc, _centered(builder, q, offset), xq_type, xq, xo, scales, unsigned)
 
         def _two_scales(builder, low, high):
             """16 lanes: `low` in lanes 0-7 (weights 0-15 of a block), `high` in 8-15 (16-31)."""
@@ -2454,6 +2554,7 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
         _FAST = {"reassoc", "contract", "nsz", "arcp"}
         _jit = numba.njit(fastmath=_FAST, cache=True, nogil=True)
         _kernel = numba.njit(fastmath=_FAST, cache=True, parallel=True, nogil=True)
+        _exact = numba.njit(cache=True, nogil=True)  # no fast-math: float32 rounding as numpy's
         _prange = numba.prange
 except Exception as e:  # numba and llvmlite report API mismatches with many exception types
     print(f"run.py: numba {numba.__version__} does not fit run.py's kernels ({type(e).__name__}: "
@@ -2462,7 +2563,7 @@ except Exception as e:  # numba and llvmlite report API mismatches with many exc
 if numba is None:  # nothing below is called without numba; the definitions still read as Python
     def _jit(fn):
         return fn
-    _kernel, _prange = _jit, range
+    _kernel, _exact, _prange = _jit, _jit, range
 
 
 # One function per tensor type: the dot product of one row (its bytes w) with x, where xq holds
@@ -2795,6 +2896,131 @@ def _quantize(x, kind):
     return xq, xd, xsum
 
 
+# The decoders of prompts' matrix-matrix products: whole rows to float32 (then one BLAS product
+# for many tokens), the numpy decoders' arithmetic in the same order, so bit for bit their
+# output, at about ten times their speed (2 G weights/s a core on Q4_K).
+@_exact
+def _f32(v):
+    return np.float32(v)
+
+
+@_exact
+def _unpack_row(w, r, ggml_type, out):
+    """out[r] = row r of w (rows, row_bytes), decoded. Byte offsets o count from the row's start."""
+    row, blocks = w[r], out.shape[1] // 32
+    if ggml_type == GGMLType.F16:
+        for i in range(out.shape[1]):
+            out[r, i] = _half(row, 2 * i)
+    elif ggml_type == GGMLType.BF16:
+        for i in range(out.shape[1]):
+            out[r, i] = _bf16(row, 2 * i)
+    elif ggml_type == GGMLType.F32:
+        for i in range(out.shape[1]):
+            out[r, i] = _float(row, 4 * i)
+    elif ggml_type == GGMLType.Q8_0:  # d, 32 int8
+        for b in range(blocks):
+            d = _half(row, 34 * b)
+            for j in range(32):
+                out[r, 32 * b + j] = _f32(np.int8(row[34 * b + 2 + j])) * d
+    elif ggml_type == GGMLType.Q4_0 or ggml_type == GGMLType.IQ4_NL:  # d, 16 bytes of nibbles
+        for b in range(blocks):
+            d = _half(row, 18 * b)
+            for j in range(16):
+                low, high = row[18 * b + 2 + j] & 15, row[18 * b + 2 + j] >> 4
+                if ggml_type == GGMLType.Q4_0:
+                    out[r, 32 * b + j], out[r, 32 * b + 16 + j] = d * _f32(low - 8), d * _f32(high - 8)
+                else:
+                    out[r, 32 * b + j], out[r, 32 * b + 16 + j] = d * _f32(IQ4_VALUES[low]), d * _f32(IQ4_VALUES[high])
+    elif ggml_type == GGMLType.Q4_1:  # d, m, 16 bytes of nibbles
+        for b in range(blocks):
+            d, m = _half(row, 20 * b), _half(row, 20 * b + 2)
+            for j in range(16):
+                q = row[20 * b + 4 + j]
+                out[r, 32 * b + j], out[r, 32 * b + 16 + j] = d * _f32(q & 15) + m, d * _f32(q >> 4) + m
+    elif ggml_type == GGMLType.Q5_0 or ggml_type == GGMLType.Q5_1:  # d, (m,) 4 bytes of fifth bits, nibbles
+        size, qh = (22, 2) if ggml_type == GGMLType.Q5_0 else (24, 4)
+        for b in range(blocks):
+            o = size * b
+            d, m = _half(row, o), _half(row, o + 2) if size == 24 else np.float32(0)
+            fifths = np.uint32(row[o + qh]) | np.uint32(row[o + qh + 1]) << 8 | np.uint32(row[o + qh + 2]) << 16 | \
+                np.uint32(row[o + qh + 3]) << 24
+            for h in range(2):
+                for j in range(16):
+                    q = row[o + qh + 4 + j] >> (4 * h) & 15 | (fifths >> (16 * h + j) & 1) << 4
+                    out[r, 32 * b + 16 * h + j] = d * _f32(q - 16) if size == 22 else d * _f32(q) + m
+    elif ggml_type == GGMLType.Q4_K or ggml_type == GGMLType.Q5_K:  # see _add_k_block
+        size, qs = (144, 16) if ggml_type == GGMLType.Q4_K else (176, 48)
+        for b in range(blocks // 8):
+            o = size * b
+            d, dmin = _half(row, o), _half(row, o + 2)
+            for j in range(8):
+                if j < 4:
+                    scale, low = row[o + 4 + j] & 63, row[o + 8 + j] & 63
+                else:
+                    scale = row[o + 8 + j] & 15 | (row[o + j] >> 6) << 4
+                    low = row[o + 8 + j] >> 4 | (row[o + 4 + j] >> 6) << 4
+                ds, dm = d * _f32(scale), dmin * _f32(low)
+                for l in range(32):
+                    q = row[o + qs + 32 * (j // 2) + l] >> (4 * (j % 2)) & 15
+                    if size == 176:
+                        q |= (row[o + 16 + l] >> j & 1) << 4
+                    out[r, 256 * b + 32 * j + l] = ds * _f32(q) - dm
+    elif ggml_type == GGMLType.Q6_K:  # see _add_q6_k_block; 16 weights per scale
+        for b in range(blocks // 8):
+            o = 210 * b
+            d = _half(row, o + 208)
+            for n in range(2):
+                for k in range(4):
+                    for h in range(2):
+                        i = 128 * n + 32 * k + 16 * h
+                        ds = d * _f32(np.int8(row[o + 192 + i // 16]))
+                        for l in range(16 * h, 16 * h + 16):
+                            low = row[o + 64 * n + 32 * (k % 2) + l] >> (4 * (k // 2)) & 15
+                            high = row[o + 128 + 32 * n + l] >> (2 * k) & 3
+                            out[r, 256 * b + 128 * n + 32 * k + l] = ds * _f32((low | high << 4) - 32)
+    elif ggml_type == GGMLType.Q2_K or ggml_type == GGMLType.Q3_K:  # see _add_q2_k_block, _add_q3_k_block
+        size, qs = (84, 16) if ggml_type == GGMLType.Q2_K else (110, 32)
+        for b in range(blocks // 8):
+            o = size * b
+            d, dmin = (_half(row, o + 80), _half(row, o + 82)) if size == 84 else (_half(row, o + 108), np.float32(0))
+            for n in range(2):
+                for j in range(4):
+                    for h in range(2):
+                        g = 8 * n + 2 * j + h  # the 16 weights' scale
+                        if size == 84:
+                            ds, dm = d * _f32(row[o + g] & 15), dmin * _f32(row[o + g] >> 4)
+                        else:
+                            six = row[o + 96 + g % 8] >> (4 * (g // 8)) & 15 | (row[o + 104 + g % 4] >> (2 * (g // 4)) & 3) << 4
+                            ds = d * _f32(six - 32)
+                        for l in range(16 * h, 16 * h + 16):
+                            q = row[o + qs + 32 * n + l] >> (2 * j) & 3
+                            if size == 84:
+                                out[r, 256 * b + 128 * n + 32 * j + l] = ds * _f32(q) - dm
+                            else:  # the third bit clear: minus 4
+                                third = row[o + l] >> (4 * n + j) & 1
+                                out[r, 256 * b + 128 * n + 32 * j + l] = ds * _f32(q - 4 * (1 - third))
+    elif ggml_type == GGMLType.IQ4_XS:  # see _add_iq4_xs_block
+        for b in range(blocks // 8):
+            o = 136 * b
+            d, high_bits = _half(row, o), row[o + 2] | np.uint16(row[o + 3]) << 8
+            for g in range(8):
+                six = row[o + 4 + g // 2] >> (4 * (g % 2)) & 15 | (high_bits >> (2 * g) & 3) << 4
+                dg = d * _f32(six - 32)
+                for j in range(16):
+                    packed = row[o + 8 + 16 * g + j]
+                    out[r, 256 * b + 32 * g + j] = dg * _f32(IQ4_VALUES[packed & 15])
+                    out[r, 256 * b + 32 * g + 16 + j] = dg * _f32(IQ4_VALUES[packed >> 4])
+    else:  # Model refuses such files at load
+        raise ValueError("no decoder for this tensor type")
+
+
+@_exact
+def _unpack_rows(w, ggml_type, out):
+    """out = every row of w (rows, row_bytes) decoded to float32 (see _decode_rows)."""
+    for r in range(w.shape[0]):
+        _unpack_row(w, r, ggml_type, out)
+
+
 TILE_ROWS = 8  # rows multiplied with every vector while they are in the L1 cache (types not GROUPED)
 
 
@@ -2808,11 +3034,16 @@ def _matmul(w, ggml_type, x, xq, xd, xsum, out, chunks):
     rows = w.shape[0]
     chunks = min(rows, chunks)
     for c in _prange(chunks):
-        first, last = c * rows // chunks, (c + 1) * rows // chunks
-        if x.shape[0] == 1:
-            _rows(w, ggml_type, x[0], xq[0], xd[0], xsum[0], out[0], first, last)
-        else:
-            _rows_many(w, ggml_type, x, xq, xd, xsum, out, first, last)
+        _row_range(w, ggml_type, x, xq, xd, xsum, out, c * rows // chunks, (c + 1) * rows // chunks)
+
+
+@_jit
+def _row_range(w, ggml_type, x, xq, xd, xsum, out, first, last):
+    """out[:, first:last] = rows first..last-1 of w times every vector of x."""
+    if x.shape[0] == 1:
+        _rows(w, ggml_type, x[0], xq[0], xd[0], xsum[0], out[0], first, last)
+    else:
+        _rows_many(w, ggml_type, x, xq, xd, xsum, out, first, last)
 
 
 @_jit
@@ -2891,11 +3122,25 @@ def _attention(q, k_caches, v_caches, layer, positions, seqs, n_head, window, sc
                     softcap, out)
 
 
-@_jit
-def _matmul_at(data, table, m, x, xq, xd, xsum, out, chunks):
-    """_matmul on matrix m of the table: its (byte offset, bytes, rows, type) in the file's bytes."""
-    offset, size, rows = table[m, 0], table[m, 1], table[m, 2]
-    _matmul(data[offset:offset + size].reshape(rows, size // rows), table[m, 3], x, xq, xd, xsum, out, chunks)
+@_kernel
+def _matmuls_at(data, table, first, count, x, xq, xd, xsum, out, chunks):
+    """_matmul for matrices first..first+count-1 of the table (each row: a matrix's byte offset,
+    bytes, rows and type in the file's bytes), all on the same input, in one parallel region:
+    their outputs side by side in out's columns, their rows together shared among the threads
+    (a layer's query, key and value matrices, or its gate and up: one fork and join, and the
+    threads' shares even, where three small matrices would each split unevenly)."""
+    total = 0
+    for m in range(first, first + count):
+        total += table[m, 2]
+    chunks = min(total, chunks)
+    for c in _prange(chunks):
+        low, high, base = c * total // chunks, (c + 1) * total // chunks, 0
+        for m in range(first, first + count):
+            offset, size, rows = table[m, 0], table[m, 1], table[m, 2]
+            if low < base + rows and high > base:
+                _row_range(data[offset:offset + size].reshape(rows, size // rows), table[m, 3], x, xq, xd, xsum,
+                           out[:, base:], max(low - base, 0), min(high - base, rows))
+            base += rows
 
 
 @_jit
@@ -2909,7 +3154,7 @@ def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, p
     positions) mix freely: each layer writes every token's keys and values before any token
     attends, and a token attends to the positions up to its own. data is the file's bytes;
     table rows 7i..7i+6 place layer i's q, k, v, output, gate, up and down matrices in it (see
-    _matmul_at), the last row the output projection. qkv_bias (layers, q + k + v dims),
+    _matmuls_at), the last row the output projection. qkv_bias (layers, q + k + v dims),
     qk_norms (layers, 2, head_dim) and post_norms (layers, 2, n_embd: Gemma's norms of the
     attention's and the FFN's outputs) have no rows for a model without them; neox:
     Model._rope; windows[i] > 0: layer i's sliding window, its RoPE from cos[1], sin[1] (the
@@ -2922,17 +3167,15 @@ def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, p
     T = x.shape[0]
     chunks = 4 * threads  # smaller pieces than threads, so that a slow thread delays less
     wide = np.zeros(0, np.int16)
-    q = np.empty((T, n_head * head_dim), np.float32)
-    k, v = np.empty((T, n_head_kv * head_dim), np.float32), np.empty((T, n_head_kv * head_dim), np.float32)
-    att, proj = np.empty((T, n_head * head_dim), np.float32), np.empty(x.shape, np.float32)
-    gate, up = np.empty((T, table[4, 2]), np.float32), np.empty((T, table[4, 2]), np.float32)
+    q_dim, kv_dim, n_ff = n_head * head_dim, n_head_kv * head_dim, table[4, 2]
+    qkv, gate_up = np.empty((T, q_dim + 2 * kv_dim), np.float32), np.empty((T, 2 * n_ff), np.float32)
+    att, proj = np.empty((T, q_dim), np.float32), np.empty(x.shape, np.float32)
     for i in range(n_layer):
         m = 7 * i
         h = _rms_norm(x, norms[i, 0], eps)
         hq, hd, hs = _quantize(h, kind)
-        _matmul_at(data, table, m, h, hq, hd, hs, q, chunks)
-        _matmul_at(data, table, m + 1, h, hq, hd, hs, k, chunks)
-        _matmul_at(data, table, m + 2, h, hq, hd, hs, v, chunks)
+        _matmuls_at(data, table, m, 3, h, hq, hd, hs, qkv, chunks)
+        q, k, v = qkv[:, :q_dim].copy(), qkv[:, q_dim:q_dim + kv_dim].copy(), qkv[:, q_dim + kv_dim:].copy()
         for t in range(T):
             if qkv_bias.shape[0]:
                 q[t] += qkv_bias[i, :q.shape[1]]
@@ -2948,23 +3191,23 @@ def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, p
             v_caches[seqs[t]][i, :, :, positions[t]] = v[t].reshape(n_head_kv, head_dim)
         _attention(q, k_caches, v_caches, i, positions, seqs, n_head, windows[i], scale, softcap, att, threads)
         aq, ad, as_ = _quantize(att, wide)
-        _matmul_at(data, table, m + 3, att, aq, ad, as_, proj, chunks)
+        _matmuls_at(data, table, m + 3, 1, att, aq, ad, as_, proj, chunks)
         x = x + (_rms_norm(proj, post_norms[i, 0], eps) if post_norms.shape[0] else proj)
         h = _rms_norm(x, norms[i, 1], eps)
         hq, hd, hs = _quantize(h, kind)
-        _matmul_at(data, table, m + 4, h, hq, hd, hs, gate, chunks)
-        _matmul_at(data, table, m + 5, h, hq, hd, hs, up, chunks)
+        _matmuls_at(data, table, m + 4, 2, h, hq, hd, hs, gate_up, chunks)
+        g, up = gate_up[:, :n_ff], gate_up[:, n_ff:]
         if gelu:
-            gate = np.float32(0.5) * gate * (np.float32(1) + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (
-                gate + np.float32(0.044715) * gate * gate * gate))) * up
+            gate = np.float32(0.5) * g * (np.float32(1) + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (
+                g + np.float32(0.044715) * g * g * g))) * up
         else:
-            gate = gate / (np.float32(1) + np.exp(-gate)) * up
+            gate = g / (np.float32(1) + np.exp(-g)) * up
         gq, gd, gs = _quantize(gate, wide)
-        _matmul_at(data, table, m + 6, gate, gq, gd, gs, proj, chunks)
+        _matmuls_at(data, table, m + 6, 1, gate, gq, gd, gs, proj, chunks)
         x = x + (_rms_norm(proj, post_norms[i, 1], eps) if post_norms.shape[0] else proj)
     h = _rms_norm(x[wanted], norms[n_layer, 0], eps)
     hq, hd, hs = _quantize(h, wide)
-    _matmul_at(data, table, table.shape[0] - 1, h, hq, hd, hs, logits, chunks)
+    _matmuls_at(data, table, table.shape[0] - 1, 1, h, hq, hd, hs, logits, chunks)
 
 
 _compiled: dict[int, bool] = {}  # activation bits -> whether the kernels compiled (once tried)
@@ -2988,6 +3231,7 @@ def _compile_kernels(bits: int = 16) -> bool:
                            np.ones((2, 1, 1), np.float32), np.zeros((2, 1, 1), np.float32), 1, 1e-5, False,
                            np.zeros(1, np.int64), 0.5, 0.0, False, np.zeros(1, np.int64), np.zeros((1, 1), np.float32), 1,
                            ACTIVATIONS[bits])
+            _unpack_rows(data.reshape(1, 64), int(GGMLType.F32), np.empty((1, 16), np.float32))
             _compiled[bits] = True
         except Exception as e:  # numba reports compile failures with many exception types
             first_line = (str(e).strip().splitlines() or [""])[0]
