@@ -24,7 +24,9 @@ with the roofline) goes to bench/run_speed.png.
 
 --llama-cpp runs llama.cpp's llama-bench (bench/llama_cpp.py builds it once from the
 llama-cpp-python sdist) on each file in the same run, with the same threads, prompt and
-generation lengths, and prints run.py's figures beside its with their ratios. --activations
+generation lengths, one repetition after each of run.py's rounds (interleaved, so that the
+machine's drift hits both alike), and prints the medians beside each other with the median
+of the rounds' ratios. --activations
 picks run.load's rounding of the kernels' inputs (16 bits by default, 8 as llama.cpp).
 """
 
@@ -350,32 +352,43 @@ def llama_cpp_speed(path: Path, runs: int, prompt_tokens: int, gen_tokens: int) 
     return (next(r["avg_ts"] for r in rows if r["n_prompt"] > 0), next(r["avg_ts"] for r in rows if r["n_gen"] > 0))
 
 
-def bench_file(path: Path, runs: int, gen_tokens: int, bandwidth: float, activations: int, llama_cpp: bool) -> dict:
+def bench_file(path: Path, runs: int, gen_tokens: int, bandwidth: float, activations: int, llama_cpp: bool,
+               prompt_tokens: int | None) -> dict:
     big = path.stat().st_size > BIG
-    prompt_tokens, gen_tokens = (128, 16) if big else (512, gen_tokens)
+    prompt_tokens, gen_tokens = prompt_tokens or (128 if big else 512), 16 if big else gen_tokens
     child_load_and_rss(path, 1)  # compiles the kernels if run.py changed since they were cached
     children = [child_load_and_rss(path, 16) for _ in range(runs)]
     model = run.load(str(path), activations=activations)
     prompt = model.tokenize(PROMPT * 40)[:prompt_tokens]
-    pp = []
-    for _ in range(1 if big else runs):
+    model.session().prefill(prompt)  # warm-up, as llama-bench's
+    # rounds of run.py's prompt and generation, then llama.cpp's, interleaved: this shared
+    # machine's speed drifts by 20% within minutes, and a ratio of neighbours drifts less
+    pp, tg, reference = [], [], []
+    for _ in range(runs):
         session = model.session()  # a new session: no prefix reuse, the whole prompt runs
         t = time.perf_counter()
         session.prefill(prompt)
         pp.append(len(prompt) / (time.perf_counter() - t))
-    tg = generation_speed(model, gen_tokens, runs, temperature=0)
+        tg.append(generation_speed(model, gen_tokens, 1, temperature=0))
+        if llama_cpp:
+            reference.append(llama_cpp_speed(path, 1, len(prompt), gen_tokens))
     tg_sampled = generation_speed(model, gen_tokens, runs, **CLI_SAMPLING)
     sample_ms = sampling_ms(model)
     per_token = bytes_per_token(model)
     roofline = bandwidth * 1e9 / per_token
     types = sorted({t.type_name for t in model.gguf.tensors.values() if len(t.shape) == 2})
-    reference = llama_cpp_speed(path, runs, len(prompt), gen_tokens) if llama_cpp else (float("nan"), float("nan"))
-    return {"llama_cpp_prompt_tok_s": reference[0], "llama_cpp_gen_tok_s": reference[1],"file": path.name, "types": "/".join(types), "size_mb": path.stat().st_size / 1e6,
+    nan = float("nan")
+    return {"llama_cpp_prompt_tok_s": statistics.median(r[0] for r in reference) if llama_cpp else nan,
+            "llama_cpp_gen_tok_s": statistics.median(r[1] for r in reference) if llama_cpp else nan,
+            "prompt_ratio": statistics.median(a / r[0] for a, r in zip(pp, reference)) if llama_cpp else nan,
+            "gen_ratio": statistics.median(a / r[1] for a, r in zip(tg, reference)) if llama_cpp else nan,
+            "file": path.name, "types": "/".join(types), "size_mb": path.stat().st_size / 1e6,
             "load_s": statistics.median(c["load"] for c in children),
             "prompt_tokens": len(prompt), "prompt_tok_s": statistics.median(pp),
-            "gen_tokens": gen_tokens, "gen_tok_s": tg, "gen_sampled_tok_s": tg_sampled,
+            "gen_tokens": gen_tokens, "gen_tok_s": statistics.median(tg), "gen_sampled_tok_s": tg_sampled,
             "vocab": model.config.n_vocab, "sample_ms": sample_ms, "sample_share": sample_ms * 1e-3 * tg_sampled,
-            "weights_mb_per_token": per_token / 1e6, "roofline_tok_s": roofline, "roofline_fraction": tg / roofline,
+            "weights_mb_per_token": per_token / 1e6, "roofline_tok_s": roofline,
+            "roofline_fraction": statistics.median(tg) / roofline,
             "peak_rss_mb": max(c["rss"] for c in children) / 1e6, "kv_mb": children[0]["kv"] / 1e6}
 
 
@@ -418,6 +431,8 @@ def main():
     p.add_argument("--runs", type=int, default=3, help="runs per measurement; medians reported (default: %(default)s)")
     p.add_argument("--gen-tokens", type=int, default=128,
                    help="tokens generated per run; 16 for files over 1 GB (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="prompt length (default: 512; 128 for files over 1 GB)")
     p.add_argument("--activations", type=int, choices=sorted(run.ACTIVATIONS), default=16,
                    help="run.load's rounding of the kernels' inputs, in bits (default: %(default)s)")
     p.add_argument("--llama-cpp", action="store_true",
@@ -429,8 +444,8 @@ def main():
     bandwidth = memory_bandwidth(5)
     print(f"memory bandwidth (numpy copy of 1 GiB, read + write, median of 5): {bandwidth:.1f} GB/s")
     print(f"run.py: activations rounded to {args.activations} bits")
-    results = [bench_file(path, args.runs, args.gen_tokens, bandwidth, args.activations, args.llama_cpp)
-               for path in files]
+    results = [bench_file(path, args.runs, args.gen_tokens, bandwidth, args.activations, args.llama_cpp,
+                          args.prompt_tokens) for path in files]
     # this machine's bandwidth drifts (19 to 25 GB/s seen): measure again after the models and
     # take the higher figure, so that no roofline fraction is flattered by a slow moment
     again = memory_bandwidth(5)
@@ -454,13 +469,13 @@ def main():
         print(f"{r['file']} | {r['vocab']:,} | {r['gen_tok_s']:.2f} tok/s | {r['gen_sampled_tok_s']:.2f} tok/s | "
               f"{r['sample_ms']:.3f} | {r['sample_share']:.1%}", flush=True)
     if args.llama_cpp:
-        print(f"side by side with llama.cpp (llama-bench -t {run.default_threads()}, same files, same run): "
+        print(f"side by side with llama.cpp (llama-bench -t {run.default_threads()} -r 1, same files, rounds "
+              "interleaved with run.py's; medians, and the median of the rounds' ratios): "
               "file | generation run.py / llama.cpp tok/s | ratio | prompt run.py / llama.cpp tok/s | ratio")
         for r in results:
-            print(f"{r['file']} | {r['gen_tok_s']:.1f} / {r['llama_cpp_gen_tok_s']:.1f} | "
-                  f"{r['gen_tok_s'] / r['llama_cpp_gen_tok_s']:.2f} | {r['prompt_tok_s']:.1f} / "
-                  f"{r['llama_cpp_prompt_tok_s']:.1f} (pp{r['prompt_tokens']}) | "
-                  f"{r['prompt_tok_s'] / r['llama_cpp_prompt_tok_s']:.2f}", flush=True)
+            print(f"{r['file']} | {r['gen_tok_s']:.1f} / {r['llama_cpp_gen_tok_s']:.1f} | {r['gen_ratio']:.2f} | "
+                  f"{r['prompt_tok_s']:.1f} / {r['llama_cpp_prompt_tok_s']:.1f} (pp{r['prompt_tokens']}) | "
+                  f"{r['prompt_ratio']:.2f}", flush=True)
     # what run.py does with numpy alone: every matrix decoded to float32 at load (when the
     # copies fit in half the available memory), so a token reads 4 bytes a weight
     r = child_load_and_rss(files[0], 33, numpy_only=True)

@@ -2482,6 +2482,43 @@ try:  # all of numba's and llvmlite's API in one place: a version they do not fi
                 return body(k, acc_)
             return codegen
 
+        @_intrinsic
+        def _bits32(typingctx, w, o, shift, mask):
+            """The 32 bytes at o of w, each shifted right and masked: one field of 32 packed weights."""
+            def codegen(context, builder, signature, args):
+                w_, o_, shift_, mask_ = args
+                packed = _load(context, builder, signature.args[0], w_, o_, _I8, 32)
+                return builder.and_(builder.lshr(packed, _splat(builder, builder.trunc(shift_, _I8), 32)),
+                                    _splat(builder, builder.trunc(mask_, _I8), 32))
+            return _quants(w, o, shift, mask), codegen
+
+        @_intrinsic
+        def _joined(typingctx, low, high, shift, offset):
+            """(low | high << shift) - offset, per byte: a weight from two fields."""
+            def codegen(context, builder, signature, args):
+                low_, high_, shift_, offset_ = args
+                joined = builder.or_(low_, builder.shl(high_, _splat(builder, builder.trunc(shift_, _I8), 32)))
+                return _centered(builder, joined, offset_)
+            return _quants(low, high, shift, offset), codegen
+
+        @_intrinsic
+        def _put32(typingctx, out, index, q, scale0, scale1, minus0, minus1):
+            """out[index + i] = scale * q[i] - minus for 32 signed bytes q, (scale0, minus0) for the
+            first 16 and (scale1, minus1) for the rest: float32 products and differences, rounded
+            as numpy's (no fused multiply-add)."""
+            def codegen(context, builder, signature, args):
+                out_, index_, q_, s0, s1, m0, m1 = args
+                f32x32 = _vec(_F32, 32)
+
+                def halves(a, b):
+                    return _splat(builder, _splat(builder, builder.insert_element(
+                        _splat(builder, a, 2), b, _ir.Constant(_I32, 1)), 2, [0, 1]), 32, [0] * 16 + [1] * 16)
+                values = builder.fsub(builder.fmul(builder.sitofp(q_, f32x32), halves(s0, s1)), halves(m0, m1))
+                data = context.make_array(signature.args[0])(context, builder, out_).data
+                builder.store(values, builder.bitcast(builder.gep(data, [index_]), f32x32.as_pointer()), align=4)
+                return context.get_dummy_value()
+            return numba.types.none(out, index, q, scale0, scale1, minus0, minus1), codegen
+
         def _crumbs_of(builder, packed, j):
             """Bits 2j, 2j+1 of 32 bytes: 32 two-bit weights of Q2_K or Q3_K."""
             i8x32 = _vec(_I8, 32)
@@ -2905,52 +2942,54 @@ def _f32(v):
 
 
 @_exact
+def _q3_k_scale(row, o, g):
+    """Q3_K's six-bit scale of weights 16g..16g+15 (see _add_q3_k_block), minus 32."""
+    return _f32((row[o + 96 + g % 8] >> (4 * (g // 8)) & 15 | (row[o + 104 + g % 4] >> (2 * (g // 4)) & 3) << 4) - 32)
+
+
+@_exact
 def _unpack_row(w, r, ggml_type, out):
-    """out[r] = row r of w (rows, row_bytes), decoded. Byte offsets o count from the row's start."""
-    row, blocks = w[r], out.shape[1] // 32
+    """out[r] = row r of w (rows, row_bytes), decoded: 32 weights at a time as bytes (the
+    kernels' unpacking), then scale * q - minus (_put32). Byte offsets o count from the row's
+    start; out is written flat, at r * cols."""
+    row, cols, zero = w[r], out.shape[1], np.float32(0)
+    flat, at = out.reshape(-1), r * out.shape[1]
     if ggml_type == GGMLType.F16:
-        for i in range(out.shape[1]):
+        for i in range(cols):
             out[r, i] = _half(row, 2 * i)
     elif ggml_type == GGMLType.BF16:
-        for i in range(out.shape[1]):
+        for i in range(cols):
             out[r, i] = _bf16(row, 2 * i)
     elif ggml_type == GGMLType.F32:
-        for i in range(out.shape[1]):
+        for i in range(cols):
             out[r, i] = _float(row, 4 * i)
     elif ggml_type == GGMLType.Q8_0:  # d, 32 int8
-        for b in range(blocks):
+        for b in range(cols // 32):
             d = _half(row, 34 * b)
-            for j in range(32):
-                out[r, 32 * b + j] = _f32(np.int8(row[34 * b + 2 + j])) * d
-    elif ggml_type == GGMLType.Q4_0 or ggml_type == GGMLType.IQ4_NL:  # d, 16 bytes of nibbles
-        for b in range(blocks):
+            _put32(flat, at + 32 * b, _unpack_int8(row, 34 * b + 2), d, d, zero, zero)
+    elif ggml_type == GGMLType.Q4_0:  # d, 16 bytes of nibbles; weight d * (q - 8)
+        for b in range(cols // 32):
             d = _half(row, 18 * b)
-            for j in range(16):
-                low, high = row[18 * b + 2 + j] & 15, row[18 * b + 2 + j] >> 4
-                if ggml_type == GGMLType.Q4_0:
-                    out[r, 32 * b + j], out[r, 32 * b + 16 + j] = d * _f32(low - 8), d * _f32(high - 8)
-                else:
-                    out[r, 32 * b + j], out[r, 32 * b + 16 + j] = d * _f32(IQ4_VALUES[low]), d * _f32(IQ4_VALUES[high])
-    elif ggml_type == GGMLType.Q4_1:  # d, m, 16 bytes of nibbles
-        for b in range(blocks):
-            d, m = _half(row, 20 * b), _half(row, 20 * b + 2)
-            for j in range(16):
-                q = row[20 * b + 4 + j]
-                out[r, 32 * b + j], out[r, 32 * b + 16 + j] = d * _f32(q & 15) + m, d * _f32(q >> 4) + m
-    elif ggml_type == GGMLType.Q5_0 or ggml_type == GGMLType.Q5_1:  # d, (m,) 4 bytes of fifth bits, nibbles
-        size, qh = (22, 2) if ggml_type == GGMLType.Q5_0 else (24, 4)
-        for b in range(blocks):
-            o = size * b
-            d, m = _half(row, o), _half(row, o + 2) if size == 24 else np.float32(0)
-            fifths = np.uint32(row[o + qh]) | np.uint32(row[o + qh + 1]) << 8 | np.uint32(row[o + qh + 2]) << 16 | \
-                np.uint32(row[o + qh + 3]) << 24
-            for h in range(2):
-                for j in range(16):
-                    q = row[o + qh + 4 + j] >> (4 * h) & 15 | (fifths >> (16 * h + j) & 1) << 4
-                    out[r, 32 * b + 16 * h + j] = d * _f32(q - 16) if size == 22 else d * _f32(q) + m
+            _put32(flat, at + 32 * b, _unpack_nibbles(row, 18 * b + 2, -1, 8), d, d, zero, zero)
+    elif ggml_type == GGMLType.IQ4_NL:  # d, 16 bytes of indices into IQ4_VALUES
+        for b in range(cols // 32):
+            d = _half(row, 18 * b)
+            _put32(flat, at + 32 * b, _unpack_iq4(row, 18 * b + 2), d, d, zero, zero)
+    elif ggml_type == GGMLType.Q4_1:  # d, m, nibbles; weight d * q + m
+        for b in range(cols // 32):
+            d, m = _half(row, 20 * b), -_half(row, 20 * b + 2)
+            _put32(flat, at + 32 * b, _unpack_nibbles(row, 20 * b + 4, -1, 0), d, d, m, m)
+    elif ggml_type == GGMLType.Q5_0:  # d, fifth bits, nibbles; weight d * (q - 16)
+        for b in range(cols // 32):
+            d = _half(row, 22 * b)
+            _put32(flat, at + 32 * b, _unpack_nibbles(row, 22 * b + 6, 22 * b + 2, 16), d, d, zero, zero)
+    elif ggml_type == GGMLType.Q5_1:  # d, m, fifth bits, nibbles; weight d * q + m
+        for b in range(cols // 32):
+            d, m = _half(row, 24 * b), -_half(row, 24 * b + 2)
+            _put32(flat, at + 32 * b, _unpack_nibbles(row, 24 * b + 8, 24 * b + 4, 0), d, d, m, m)
     elif ggml_type == GGMLType.Q4_K or ggml_type == GGMLType.Q5_K:  # see _add_k_block
         size, qs = (144, 16) if ggml_type == GGMLType.Q4_K else (176, 48)
-        for b in range(blocks // 8):
+        for b in range(cols // 256):
             o = size * b
             d, dmin = _half(row, o), _half(row, o + 2)
             for j in range(8):
@@ -2960,56 +2999,48 @@ def _unpack_row(w, r, ggml_type, out):
                     scale = row[o + 8 + j] & 15 | (row[o + j] >> 6) << 4
                     low = row[o + 8 + j] >> 4 | (row[o + 4 + j] >> 6) << 4
                 ds, dm = d * _f32(scale), dmin * _f32(low)
-                for l in range(32):
-                    q = row[o + qs + 32 * (j // 2) + l] >> (4 * (j % 2)) & 15
-                    if size == 176:
-                        q |= (row[o + 16 + l] >> j & 1) << 4
-                    out[r, 256 * b + 32 * j + l] = ds * _f32(q) - dm
-    elif ggml_type == GGMLType.Q6_K:  # see _add_q6_k_block; 16 weights per scale
-        for b in range(blocks // 8):
+                q = _bits32(row, o + qs + 32 * (j // 2), 4 * (j % 2), 15)
+                if size == 176:
+                    q = _joined(q, _bits32(row, o + 16, j, 1), 4, 0)
+                _put32(flat, at + 256 * b + 32 * j, q, ds, ds, dm, dm)
+    elif ggml_type == GGMLType.Q6_K:  # see _add_q6_k_block; a scale per 16 weights
+        for b in range(cols // 256):
             o = 210 * b
             d = _half(row, o + 208)
             for n in range(2):
                 for k in range(4):
-                    for h in range(2):
-                        i = 128 * n + 32 * k + 16 * h
-                        ds = d * _f32(np.int8(row[o + 192 + i // 16]))
-                        for l in range(16 * h, 16 * h + 16):
-                            low = row[o + 64 * n + 32 * (k % 2) + l] >> (4 * (k // 2)) & 15
-                            high = row[o + 128 + 32 * n + l] >> (2 * k) & 3
-                            out[r, 256 * b + 128 * n + 32 * k + l] = ds * _f32((low | high << 4) - 32)
-    elif ggml_type == GGMLType.Q2_K or ggml_type == GGMLType.Q3_K:  # see _add_q2_k_block, _add_q3_k_block
-        size, qs = (84, 16) if ggml_type == GGMLType.Q2_K else (110, 32)
-        for b in range(blocks // 8):
-            o = size * b
-            d, dmin = (_half(row, o + 80), _half(row, o + 82)) if size == 84 else (_half(row, o + 108), np.float32(0))
+                    g = 8 * n + 2 * k
+                    q = _joined(_bits32(row, o + 64 * n + 32 * (k % 2), 4 * (k // 2), 15),
+                                _bits32(row, o + 128 + 32 * n, 2 * k, 3), 4, 32)
+                    _put32(flat, at + 256 * b + 128 * n + 32 * k, q, d * _f32(np.int8(row[o + 192 + g])),
+                           d * _f32(np.int8(row[o + 193 + g])), zero, zero)
+    elif ggml_type == GGMLType.Q2_K:  # see _add_q2_k_block; a scale and a min per 16 weights
+        for b in range(cols // 256):
+            o = 84 * b
+            d, dmin = _half(row, o + 80), _half(row, o + 82)
             for n in range(2):
                 for j in range(4):
-                    for h in range(2):
-                        g = 8 * n + 2 * j + h  # the 16 weights' scale
-                        if size == 84:
-                            ds, dm = d * _f32(row[o + g] & 15), dmin * _f32(row[o + g] >> 4)
-                        else:
-                            six = row[o + 96 + g % 8] >> (4 * (g // 8)) & 15 | (row[o + 104 + g % 4] >> (2 * (g // 4)) & 3) << 4
-                            ds = d * _f32(six - 32)
-                        for l in range(16 * h, 16 * h + 16):
-                            q = row[o + qs + 32 * n + l] >> (2 * j) & 3
-                            if size == 84:
-                                out[r, 256 * b + 128 * n + 32 * j + l] = ds * _f32(q) - dm
-                            else:  # the third bit clear: minus 4
-                                third = row[o + l] >> (4 * n + j) & 1
-                                out[r, 256 * b + 128 * n + 32 * j + l] = ds * _f32(q - 4 * (1 - third))
+                    g = 8 * n + 2 * j
+                    _put32(flat, at + 256 * b + 128 * n + 32 * j, _bits32(row, o + 16 + 32 * n, 2 * j, 3),
+                           d * _f32(row[o + g] & 15), d * _f32(row[o + g + 1] & 15),
+                           dmin * _f32(row[o + g] >> 4), dmin * _f32(row[o + g + 1] >> 4))
+    elif ggml_type == GGMLType.Q3_K:  # see _add_q3_k_block; weight d * scale * (q - 4), q with its third bit
+        for b in range(cols // 256):
+            o = 110 * b
+            d = _half(row, o + 108)
+            for n in range(2):
+                for j in range(4):
+                    g = 8 * n + 2 * j
+                    q = _joined(_bits32(row, o + 32 + 32 * n, 2 * j, 3), _bits32(row, o, 4 * n + j, 1), 2, 4)
+                    _put32(flat, at + 256 * b + 128 * n + 32 * j, q, d * _q3_k_scale(row, o, g),
+                           d * _q3_k_scale(row, o, g + 1), zero, zero)
     elif ggml_type == GGMLType.IQ4_XS:  # see _add_iq4_xs_block
-        for b in range(blocks // 8):
+        for b in range(cols // 256):
             o = 136 * b
             d, high_bits = _half(row, o), row[o + 2] | np.uint16(row[o + 3]) << 8
             for g in range(8):
-                six = row[o + 4 + g // 2] >> (4 * (g % 2)) & 15 | (high_bits >> (2 * g) & 3) << 4
-                dg = d * _f32(six - 32)
-                for j in range(16):
-                    packed = row[o + 8 + 16 * g + j]
-                    out[r, 256 * b + 32 * g + j] = dg * _f32(IQ4_VALUES[packed & 15])
-                    out[r, 256 * b + 32 * g + 16 + j] = dg * _f32(IQ4_VALUES[packed >> 4])
+                dg = d * _f32((row[o + 4 + g // 2] >> (4 * (g % 2)) & 15 | (high_bits >> (2 * g) & 3) << 4) - 32)
+                _put32(flat, at + 256 * b + 32 * g, _unpack_iq4(row, o + 8 + 16 * g), dg, dg, zero, zero)
     else:  # Model refuses such files at load
         raise ValueError("no decoder for this tensor type")
 
