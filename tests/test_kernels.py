@@ -49,10 +49,14 @@ def test_matmul_every_type_and_odd_row_counts(qtype, rows, bits):
     x[1, 64:96] = 0.0
     expected = x.astype(np.float64) @ w.astype(np.float64).T
     scale = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T  # size of the terms
+    # the matrix twice in one call (a layer's q/k/v go so), its chunks crossing from one to the other
+    table = np.array([[0, raw.nbytes, rows, int(qtype)]] * 2)
     for threads in (1, 2, 3):
         run.numba.set_num_threads(threads)  # the pool (NUMBA_NUM_THREADS, set in conftest) has 4
-        out = np.full((6, rows), np.nan, np.float32)
-        run._matmul(raw, int(qtype), x, *run._quantize(x, run.ACTIVATIONS[bits]), out, 4 * threads)
+        both = np.full((6, 2 * rows), np.nan, np.float32)
+        run._matmuls_at(raw.reshape(-1), table, 0, 2, x, *run._quantize(x, run.ACTIVATIONS[bits]), both, 4 * threads)
+        out = both[:, :rows]
+        assert np.array_equal(both[:, rows:], out)
         if bits == 16:  # floats: float32 rounding; quantized: x rounded to 16 bits (1/65534 of a block's max)
             tolerance = 1e-6 if qtype in FLOATS else 5e-5
             assert np.all(np.abs(out - expected) <= tolerance * scale.max())
@@ -293,7 +297,8 @@ for qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.Q4_K, Q.Q2_K):
     w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
     x = rng.standard_normal((5, 512)).astype(np.float32)
     out = np.full((5, 37), np.nan, np.float32)
-    run._matmul(raw, int(qtype), x, *run._quantize(x, run.ACTIVATIONS[16]), out, 3)
+    run._matmuls_at(raw.reshape(-1), np.array([[0, raw.nbytes, 37, int(qtype)]]), 0, 1, x,
+                    *run._quantize(x, run.ACTIVATIONS[16]), out, 3)
     scale = (np.abs(x).astype(np.float64) @ np.abs(w).T).max()
     print(qtype.name, float(np.abs(out - x.astype(np.float64) @ w.T).max() / scale))
 """

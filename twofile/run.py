@@ -2933,6 +2933,186 @@ def _quantize(x, kind):
     return xq, xd, xsum
 
 
+TILE_ROWS = 8  # rows multiplied with every vector while they are in the L1 cache (types not GROUPED)
+
+
+@_jit
+def _row_range(w, ggml_type, x, xq, xd, xsum, out, first, last):
+    """out[:, first:last] = rows first..last-1 of w (rows, row_bytes), a matrix in its file type,
+    times every vector of x (B, n), x also given as _quantize(x, kind)."""
+    if x.shape[0] == 1:
+        _rows(w, ggml_type, x[0], xq[0], xd[0], xsum[0], out[0], first, last)
+    else:
+        _rows_many(w, ggml_type, x, xq, xd, xsum, out, first, last)
+
+
+@_jit
+def _rms_norm(x, weight, eps):
+    """Each row of x (B, n) normalized."""
+    out = np.empty_like(x)
+    for s in range(x.shape[0]):
+        out[s] = x[s] * (np.float32(1) / np.sqrt(np.mean(x[s] * x[s]) + np.float32(eps))) * weight
+    return out
+
+
+@_jit
+def _rope(x, n_head, head_dim, cos, sin, neox):
+    """In place: rotate pairs (2i, 2i+1) of the first 2*len(cos) dimensions of each head, or
+    with neox pairs (i, i + len(cos)) (see Model._rope)."""
+    half = cos.shape[0]
+    for h in range(n_head):
+        for i in range(half):
+            j, k = (h * head_dim + i, h * head_dim + i + half) if neox else (h * head_dim + 2 * i, h * head_dim + 2 * i + 1)
+            a, b = x[j], x[k]
+            x[j] = a * cos[i] - b * sin[i]
+            x[k] = a * sin[i] + b * cos[i]
+
+
+@_jit
+def _head_norm(x, n_head, head_dim, weight, eps):
+    """In place: RMS-normalize each head of x (Qwen 3's query and key norms)."""
+    for h in range(n_head):
+        head = x[h * head_dim:(h + 1) * head_dim]
+        head[:] = head * (np.float32(1) / np.sqrt(np.mean(head * head) + np.float32(eps))) * weight
+
+
+@_jit
+def _attend(q, s, keys, values, layer, first, S, head, group, scale, softcap, out):
+    """Query head `head` of sequence s (q[s]), times scale, against positions first..S-1 of
+    its key/value head (head // group) in the layer's cache (scores soft-capped if softcap >
+    0, see Config): out[s]'s part for that head. The
+    caches hold (layers, n_head_kv, head_dim, positions): every inner loop runs along
+    positions. Arrays are indexed, never sliced (see _rows)."""
+    head_dim, kv = keys.shape[2], head // group
+    scale, q0 = np.float32(scale), head * head_dim
+    scores = np.zeros(S - first, np.float32)
+    for d in range(head_dim):
+        qd = q[s, q0 + d] * scale
+        for p in range(first, S):
+            scores[p - first] += qd * keys[layer, kv, d, p]
+    if softcap > 0:
+        for p in range(S - first):
+            scores[p] = np.tanh(scores[p] / np.float32(softcap)) * np.float32(softcap)
+    top = scores[0]
+    for p in range(S - first):
+        top = max(top, scores[p])
+    total = np.float32(0)
+    for p in range(S - first):
+        scores[p] = np.exp(scores[p] - top)
+        total += scores[p]
+    for d in range(head_dim):
+        weighted = np.float32(0)
+        for p in range(first, S):
+            weighted += scores[p - first] * values[layer, kv, d, p]
+        out[s, q0 + d] = weighted / total
+
+
+@_kernel
+def _attention(q, k_caches, v_caches, layer, positions, seqs, n_head, window, scale, softcap, out, threads):
+    """Every query head of every token s (q[s]) against the first positions[s] + 1 positions
+    of its sequence's cache's layer (k_caches[seqs[s]]; the last `window` of them, if window >
+    0); the (token, head) pairs are split among the threads."""
+    group = n_head // k_caches[0].shape[1]
+    pairs = q.shape[0] * n_head
+    for t in _prange(threads):
+        for pair in range(t * pairs // threads, (t + 1) * pairs // threads):
+            s, head = pair // n_head, pair % n_head
+            first = max(0, positions[s] + 1 - window) if window > 0 else 0
+            _attend(q, s, k_caches[seqs[s]], v_caches[seqs[s]], layer, first, positions[s] + 1, head, group, scale,
+                    softcap, out)
+
+
+@_kernel
+def _matmuls_at(data, table, first, count, x, xq, xd, xsum, out, chunks):
+    """out[s] = W @ x[s] for each row s of x (B, n), W the matrices first..first+count-1 of the
+    table (each row: a matrix's byte offset, bytes, rows and type in the file's bytes) one
+    above the other, all on the same input (a layer's query, key and value matrices, or its
+    gate and up): their outputs side by side in out's columns. Their rows together are split
+    in `chunks` parts shared among the threads (one fork and join, the shares even where
+    three small matrices would each split unevenly); the weights are read from memory once
+    per call, however many vectors (sequences) there are. (No array expressions here: in a
+    parallel function each would be a parallel region of its own.)"""
+    total = 0
+    for m in range(first, first + count):
+        total += table[m, 2]
+    chunks = min(total, chunks)
+    for c in _prange(chunks):
+        low, high, base = c * total // chunks, (c + 1) * total // chunks, 0
+        for m in range(first, first + count):
+            offset, size, rows = table[m, 0], table[m, 1], table[m, 2]
+            if low < base + rows and high > base:
+                _row_range(data[offset:offset + size].reshape(rows, size // rows), table[m, 3], x, xq, xd, xsum,
+                           out[:, base:], max(low - base, 0), min(high - base, rows))
+            base += rows
+
+
+@_jit
+def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, post_norms, k_caches, v_caches, cos, sin,
+                   n_head, eps, neox, windows, scale, softcap, gelu, wanted, logits, threads, kind):
+    """Run tokens (their embeddings x, (T, n_embd)) through every layer, token t at position
+    positions[t] of the sequence whose caches are k_caches[seqs[t]], v_caches[seqs[t]] ((layers,
+    kv heads, head_dim, positions)); write their keys and values there, and the next-token logits of
+    tokens `wanted` to logits (len(wanted), n_vocab). Tokens of several sequences (a server's
+    conversations) and several tokens of one sequence (a prompt: the same caches, consecutive
+    positions) mix freely: each layer writes every token's keys and values before any token
+    attends, and a token attends to the positions up to its own. data is the file's bytes;
+    table rows 7i..7i+6 place layer i's q, k, v, output, gate, up and down matrices in it (see
+    _matmuls_at), the last row the output projection. qkv_bias (layers, q + k + v dims),
+    qk_norms (layers, 2, head_dim) and post_norms (layers, 2, n_embd: Gemma's norms of the
+    attention's and the FFN's outputs) have no rows for a model without them; neox:
+    Model._rope; windows[i] > 0: layer i's sliding window, its RoPE from cos[1], sin[1] (the
+    others' from cos[0], sin[0]); scale: the queries'; softcap: the attention scores' (Config);
+    gelu: tanh-GELU, not SiLU; kind: the integer type of the q/k/v and gate/up projections'
+    inputs (ACTIVATIONS; the others' is 16 bits). A token's
+    numbers depend only on it and the cache before it, never on the others in the call: its
+    logits are those it gets alone."""
+    n_layer, n_head_kv, head_dim, _ = k_caches[0].shape
+    T = x.shape[0]
+    chunks = 4 * threads  # smaller pieces than threads, so that a slow thread delays less
+    wide = np.zeros(0, np.int16)
+    q_dim, kv_dim, n_ff = n_head * head_dim, n_head_kv * head_dim, table[4, 2]
+    qkv, gate_up = np.empty((T, q_dim + 2 * kv_dim), np.float32), np.empty((T, 2 * n_ff), np.float32)
+    att, proj = np.empty((T, q_dim), np.float32), np.empty(x.shape, np.float32)
+    for i in range(n_layer):
+        m = 7 * i
+        h = _rms_norm(x, norms[i, 0], eps)
+        hq, hd, hs = _quantize(h, kind)
+        _matmuls_at(data, table, m, 3, h, hq, hd, hs, qkv, chunks)
+        q, k, v = qkv[:, :q_dim].copy(), qkv[:, q_dim:q_dim + kv_dim].copy(), qkv[:, q_dim + kv_dim:].copy()
+        for t in range(T):
+            if qkv_bias.shape[0]:
+                q[t] += qkv_bias[i, :q.shape[1]]
+                k[t] += qkv_bias[i, q.shape[1]:q.shape[1] + k.shape[1]]
+                v[t] += qkv_bias[i, q.shape[1] + k.shape[1]:]
+            if qk_norms.shape[0]:
+                _head_norm(q[t], n_head, head_dim, qk_norms[i, 0], eps)
+                _head_norm(k[t], n_head_kv, head_dim, qk_norms[i, 1], eps)
+            r = 1 if windows[i] > 0 else 0
+            _rope(q[t], n_head, head_dim, cos[r, t], sin[r, t], neox)
+            _rope(k[t], n_head_kv, head_dim, cos[r, t], sin[r, t], neox)
+            k_caches[seqs[t]][i, :, :, positions[t]] = k[t].reshape(n_head_kv, head_dim)
+            v_caches[seqs[t]][i, :, :, positions[t]] = v[t].reshape(n_head_kv, head_dim)
+        _attention(q, k_caches, v_caches, i, positions, seqs, n_head, windows[i], scale, softcap, att, threads)
+        aq, ad, as_ = _quantize(att, wide)
+        _matmuls_at(data, table, m + 3, 1, att, aq, ad, as_, proj, chunks)
+        x = x + (_rms_norm(proj, post_norms[i, 0], eps) if post_norms.shape[0] else proj)
+        h = _rms_norm(x, norms[i, 1], eps)
+        hq, hd, hs = _quantize(h, kind)
+        _matmuls_at(data, table, m + 4, 2, h, hq, hd, hs, gate_up, chunks)
+        g, up = gate_up[:, :n_ff], gate_up[:, n_ff:]
+        if gelu:
+            gate = np.float32(0.5) * g * (np.float32(1) + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (
+                g + np.float32(0.044715) * g * g * g))) * up
+        else:
+            gate = g / (np.float32(1) + np.exp(-g)) * up
+        gq, gd, gs = _quantize(gate, wide)
+        _matmuls_at(data, table, m + 6, 1, gate, gq, gd, gs, proj, chunks)
+        x = x + (_rms_norm(proj, post_norms[i, 1], eps) if post_norms.shape[0] else proj)
+    h = _rms_norm(x[wanted], norms[n_layer, 0], eps)
+    hq, hd, hs = _quantize(h, wide)
+    _matmuls_at(data, table, table.shape[0] - 1, 1, h, hq, hd, hs, logits, chunks)
+
+
 # The decoders of prompts' matrix-matrix products: whole rows to float32 (then one BLAS product
 # for many tokens), the numpy decoders' arithmetic in the same order, so bit for bit their
 # output, at about ten times their speed (2 G weights/s a core on Q4_K).
@@ -3050,195 +3230,6 @@ def _unpack_rows(w, ggml_type, out):
     """out = every row of w (rows, row_bytes) decoded to float32 (see _decode_rows)."""
     for r in range(w.shape[0]):
         _unpack_row(w, r, ggml_type, out)
-
-
-TILE_ROWS = 8  # rows multiplied with every vector while they are in the L1 cache (types not GROUPED)
-
-
-@_kernel
-def _matmul(w, ggml_type, x, xq, xd, xsum, out, chunks):
-    """out[s] = w @ x[s] for each row s of x (B, n), a matrix w (rows, row_bytes) in its file
-    type, x also given as _quantize(x, kind). w's rows are split in `chunks` parts shared among the
-    threads; the weights are read from memory once per call, however many vectors (sequences)
-    there are. (No array expressions here: in a parallel function each would be a parallel
-    region of its own.)"""
-    rows = w.shape[0]
-    chunks = min(rows, chunks)
-    for c in _prange(chunks):
-        _row_range(w, ggml_type, x, xq, xd, xsum, out, c * rows // chunks, (c + 1) * rows // chunks)
-
-
-@_jit
-def _row_range(w, ggml_type, x, xq, xd, xsum, out, first, last):
-    """out[:, first:last] = rows first..last-1 of w times every vector of x."""
-    if x.shape[0] == 1:
-        _rows(w, ggml_type, x[0], xq[0], xd[0], xsum[0], out[0], first, last)
-    else:
-        _rows_many(w, ggml_type, x, xq, xd, xsum, out, first, last)
-
-
-@_jit
-def _rms_norm(x, weight, eps):
-    """Each row of x (B, n) normalized."""
-    out = np.empty_like(x)
-    for s in range(x.shape[0]):
-        out[s] = x[s] * (np.float32(1) / np.sqrt(np.mean(x[s] * x[s]) + np.float32(eps))) * weight
-    return out
-
-
-@_jit
-def _rope(x, n_head, head_dim, cos, sin, neox):
-    """In place: rotate pairs (2i, 2i+1) of the first 2*len(cos) dimensions of each head, or
-    with neox pairs (i, i + len(cos)) (see Model._rope)."""
-    half = cos.shape[0]
-    for h in range(n_head):
-        for i in range(half):
-            j, k = (h * head_dim + i, h * head_dim + i + half) if neox else (h * head_dim + 2 * i, h * head_dim + 2 * i + 1)
-            a, b = x[j], x[k]
-            x[j] = a * cos[i] - b * sin[i]
-            x[k] = a * sin[i] + b * cos[i]
-
-
-@_jit
-def _head_norm(x, n_head, head_dim, weight, eps):
-    """In place: RMS-normalize each head of x (Qwen 3's query and key norms)."""
-    for h in range(n_head):
-        head = x[h * head_dim:(h + 1) * head_dim]
-        head[:] = head * (np.float32(1) / np.sqrt(np.mean(head * head) + np.float32(eps))) * weight
-
-
-@_jit
-def _attend(q, s, keys, values, layer, first, S, head, group, scale, softcap, out):
-    """Query head `head` of sequence s (q[s]), times scale, against positions first..S-1 of
-    its key/value head (head // group) in the layer's cache (scores soft-capped if softcap >
-    0, see Config): out[s]'s part for that head. The
-    caches hold (layers, n_head_kv, head_dim, positions): every inner loop runs along
-    positions. Arrays are indexed, never sliced (see _rows)."""
-    head_dim, kv = keys.shape[2], head // group
-    scale, q0 = np.float32(scale), head * head_dim
-    scores = np.zeros(S - first, np.float32)
-    for d in range(head_dim):
-        qd = q[s, q0 + d] * scale
-        for p in range(first, S):
-            scores[p - first] += qd * keys[layer, kv, d, p]
-    if softcap > 0:
-        for p in range(S - first):
-            scores[p] = np.tanh(scores[p] / np.float32(softcap)) * np.float32(softcap)
-    top = scores[0]
-    for p in range(S - first):
-        top = max(top, scores[p])
-    total = np.float32(0)
-    for p in range(S - first):
-        scores[p] = np.exp(scores[p] - top)
-        total += scores[p]
-    for d in range(head_dim):
-        weighted = np.float32(0)
-        for p in range(first, S):
-            weighted += scores[p - first] * values[layer, kv, d, p]
-        out[s, q0 + d] = weighted / total
-
-
-@_kernel
-def _attention(q, k_caches, v_caches, layer, positions, seqs, n_head, window, scale, softcap, out, threads):
-    """Every query head of every token s (q[s]) against the first positions[s] + 1 positions
-    of its sequence's cache's layer (k_caches[seqs[s]]; the last `window` of them, if window >
-    0); the (token, head) pairs are split among the threads."""
-    group = n_head // k_caches[0].shape[1]
-    pairs = q.shape[0] * n_head
-    for t in _prange(threads):
-        for pair in range(t * pairs // threads, (t + 1) * pairs // threads):
-            s, head = pair // n_head, pair % n_head
-            first = max(0, positions[s] + 1 - window) if window > 0 else 0
-            _attend(q, s, k_caches[seqs[s]], v_caches[seqs[s]], layer, first, positions[s] + 1, head, group, scale,
-                    softcap, out)
-
-
-@_kernel
-def _matmuls_at(data, table, first, count, x, xq, xd, xsum, out, chunks):
-    """_matmul for matrices first..first+count-1 of the table (each row: a matrix's byte offset,
-    bytes, rows and type in the file's bytes), all on the same input, in one parallel region:
-    their outputs side by side in out's columns, their rows together shared among the threads
-    (a layer's query, key and value matrices, or its gate and up: one fork and join, and the
-    threads' shares even, where three small matrices would each split unevenly)."""
-    total = 0
-    for m in range(first, first + count):
-        total += table[m, 2]
-    chunks = min(total, chunks)
-    for c in _prange(chunks):
-        low, high, base = c * total // chunks, (c + 1) * total // chunks, 0
-        for m in range(first, first + count):
-            offset, size, rows = table[m, 0], table[m, 1], table[m, 2]
-            if low < base + rows and high > base:
-                _row_range(data[offset:offset + size].reshape(rows, size // rows), table[m, 3], x, xq, xd, xsum,
-                           out[:, base:], max(low - base, 0), min(high - base, rows))
-            base += rows
-
-
-@_jit
-def _decode_tokens(x, positions, seqs, data, table, norms, qkv_bias, qk_norms, post_norms, k_caches, v_caches, cos, sin,
-                   n_head, eps, neox, windows, scale, softcap, gelu, wanted, logits, threads, kind):
-    """Run tokens (their embeddings x, (T, n_embd)) through every layer, token t at position
-    positions[t] of the sequence whose caches are k_caches[seqs[t]], v_caches[seqs[t]] ((layers,
-    kv heads, head_dim, positions)); write their keys and values there, and the next-token logits of
-    tokens `wanted` to logits (len(wanted), n_vocab). Tokens of several sequences (a server's
-    conversations) and several tokens of one sequence (a prompt: the same caches, consecutive
-    positions) mix freely: each layer writes every token's keys and values before any token
-    attends, and a token attends to the positions up to its own. data is the file's bytes;
-    table rows 7i..7i+6 place layer i's q, k, v, output, gate, up and down matrices in it (see
-    _matmuls_at), the last row the output projection. qkv_bias (layers, q + k + v dims),
-    qk_norms (layers, 2, head_dim) and post_norms (layers, 2, n_embd: Gemma's norms of the
-    attention's and the FFN's outputs) have no rows for a model without them; neox:
-    Model._rope; windows[i] > 0: layer i's sliding window, its RoPE from cos[1], sin[1] (the
-    others' from cos[0], sin[0]); scale: the queries'; softcap: the attention scores' (Config);
-    gelu: tanh-GELU, not SiLU; kind: the integer type of the q/k/v and gate/up projections'
-    inputs (ACTIVATIONS; the others' is 16 bits). A token's
-    numbers depend only on it and the cache before it, never on the others in the call: its
-    logits are those it gets alone."""
-    n_layer, n_head_kv, head_dim, _ = k_caches[0].shape
-    T = x.shape[0]
-    chunks = 4 * threads  # smaller pieces than threads, so that a slow thread delays less
-    wide = np.zeros(0, np.int16)
-    q_dim, kv_dim, n_ff = n_head * head_dim, n_head_kv * head_dim, table[4, 2]
-    qkv, gate_up = np.empty((T, q_dim + 2 * kv_dim), np.float32), np.empty((T, 2 * n_ff), np.float32)
-    att, proj = np.empty((T, q_dim), np.float32), np.empty(x.shape, np.float32)
-    for i in range(n_layer):
-        m = 7 * i
-        h = _rms_norm(x, norms[i, 0], eps)
-        hq, hd, hs = _quantize(h, kind)
-        _matmuls_at(data, table, m, 3, h, hq, hd, hs, qkv, chunks)
-        q, k, v = qkv[:, :q_dim].copy(), qkv[:, q_dim:q_dim + kv_dim].copy(), qkv[:, q_dim + kv_dim:].copy()
-        for t in range(T):
-            if qkv_bias.shape[0]:
-                q[t] += qkv_bias[i, :q.shape[1]]
-                k[t] += qkv_bias[i, q.shape[1]:q.shape[1] + k.shape[1]]
-                v[t] += qkv_bias[i, q.shape[1] + k.shape[1]:]
-            if qk_norms.shape[0]:
-                _head_norm(q[t], n_head, head_dim, qk_norms[i, 0], eps)
-                _head_norm(k[t], n_head_kv, head_dim, qk_norms[i, 1], eps)
-            r = 1 if windows[i] > 0 else 0
-            _rope(q[t], n_head, head_dim, cos[r, t], sin[r, t], neox)
-            _rope(k[t], n_head_kv, head_dim, cos[r, t], sin[r, t], neox)
-            k_caches[seqs[t]][i, :, :, positions[t]] = k[t].reshape(n_head_kv, head_dim)
-            v_caches[seqs[t]][i, :, :, positions[t]] = v[t].reshape(n_head_kv, head_dim)
-        _attention(q, k_caches, v_caches, i, positions, seqs, n_head, windows[i], scale, softcap, att, threads)
-        aq, ad, as_ = _quantize(att, wide)
-        _matmuls_at(data, table, m + 3, 1, att, aq, ad, as_, proj, chunks)
-        x = x + (_rms_norm(proj, post_norms[i, 0], eps) if post_norms.shape[0] else proj)
-        h = _rms_norm(x, norms[i, 1], eps)
-        hq, hd, hs = _quantize(h, kind)
-        _matmuls_at(data, table, m + 4, 2, h, hq, hd, hs, gate_up, chunks)
-        g, up = gate_up[:, :n_ff], gate_up[:, n_ff:]
-        if gelu:
-            gate = np.float32(0.5) * g * (np.float32(1) + np.tanh(np.float32(np.sqrt(2 / np.pi)) * (
-                g + np.float32(0.044715) * g * g * g))) * up
-        else:
-            gate = g / (np.float32(1) + np.exp(-g)) * up
-        gq, gd, gs = _quantize(gate, wide)
-        _matmuls_at(data, table, m + 6, 1, gate, gq, gd, gs, proj, chunks)
-        x = x + (_rms_norm(proj, post_norms[i, 1], eps) if post_norms.shape[0] else proj)
-    h = _rms_norm(x[wanted], norms[n_layer, 0], eps)
-    hq, hd, hs = _quantize(h, wide)
-    _matmuls_at(data, table, table.shape[0] - 1, 1, h, hq, hd, hs, logits, chunks)
 
 
 _compiled: dict[int, bool] = {}  # activation bits -> whether the kernels compiled (once tried)
