@@ -902,22 +902,23 @@ class Model:
         T = len(q)
         # grouped-query attention: query head j uses key/value head j // group
         group, scale = c.n_head // c.n_head_kv, np.float32(c.attn_scale or 1.0 / c.head_dim ** 0.5)
-        q = q.reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
+        q = (q * scale).reshape(T, c.n_head_kv, group, c.head_dim).transpose(1, 2, 0, 3)  # (kv, group, T, hd)
         values = values.transpose(0, 2, 1)  # (kv, S, hd)
         out = np.empty((T, c.n_head_kv, group, c.head_dim), np.float32)
         for a in range(0, T, ATTEND_BLOCK):
             b = min(a + ATTEND_BLOCK, T)
             S = np.flatnonzero(mask[a:b].any(axis=0))[-1] + 1  # the keys [0, S) are the block's
             scores = np.matmul(q[:, :, a:b], keys[:, None, :, :S])  # (kv, group, b - a, S)
-            scores *= scale
             if c.attn_softcap:
                 cap = np.float32(c.attn_softcap)
                 np.multiply(np.tanh(np.divide(scores, cap, out=scores), out=scores), cap, out=scores)
-            np.copyto(scores, -np.inf, where=~mask[a:b, :S])
+            seen = mask[a:b, :S].all(axis=0)
+            hidden = S if seen.all() else int(np.argmin(seen))  # keys before it: seen by all the block
+            np.copyto(scores[..., hidden:], -np.inf, where=~mask[a:b, hidden:S])
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            out[a:b] = np.matmul(scores, values[:, None, :S]).transpose(2, 0, 1, 3)
+            total = scores.sum(axis=-1, keepdims=True)  # normalized after the product: (b - a) x hd, not x S
+            out[a:b] = (np.matmul(scores, values[:, None, :S]) / total).transpose(2, 0, 1, 3)
         return out.reshape(T, -1)
 
     def _score(self, trees: list[_PrefixTree]) -> Iterator[list[tuple[np.ndarray, bool]]]:
