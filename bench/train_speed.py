@@ -20,12 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.run_speed import machine  # noqa: E402
 from twofile import train  # noqa: E402
-from twofile.model import Llama, ModelConfig  # noqa: E402
+from twofile.model import ModelConfig, Transformer  # noqa: E402
 
 
 def measure(depth, optimizer, compile_, device, micro_batch, context, vocab, steps) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = Llama(ModelConfig.from_depth(depth, vocab, context)).to(device)
+    model = Transformer(ModelConfig.from_depth(depth, vocab, context)).to(device)
     cfg = train.TrainConfig(data="", optimizer=optimizer)
     optimizers = train.make_optimizer(model, cfg)
     step_model = torch.compile(model) if compile_ else model
@@ -68,7 +68,7 @@ def main():
             for compile_ in ((False,) if args.no_compile else (False, True)):
                 tok_s, flops = measure(depth, optimizer, compile_, device, args.micro_batch, args.context,
                                        args.vocab, args.steps)
-                params = Llama(ModelConfig.from_depth(depth, args.vocab, args.context)).num_params()
+                params = Transformer(ModelConfig.from_depth(depth, args.vocab, args.context)).num_params()
                 print(f"{depth} | {params / 1e6:.1f}M | {optimizer} | {'on' if compile_ else 'off'} | {tok_s:,.0f} | "
                       f"{flops / 1e12:.3f} | {flops / peak:.1%}", flush=True)
 

@@ -114,3 +114,8 @@ def test_every_flag_says_its_default_and_train_defaults_are_train_configs():
     fields = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
     for flag, (_, _, default, _) in cli.TRAIN_FLAGS.items():
         assert fields[{"steps": "max_steps", "time": "time_budget"}.get(flag, flag)] == default, flag
+    from twofile import finetune
+
+    fields = {f.name: f.default for f in dataclasses.fields(finetune.FinetuneConfig)}
+    for flag, (_, _, default, _) in cli.FINETUNE_FLAGS.items():
+        assert fields[{"steps": "max_steps", "time": "time_budget"}.get(flag, flag)] == default, flag

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from twofile import data, export, run, tokenizer, train
-from twofile.model import Llama, ModelConfig
+from twofile.model import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def hf_copy(model: Llama):
+def hf_copy(model: Transformer):
     """The same weights in transformers' LlamaForCausalLM (the oracle): a name map only,
     since both rotate the halves of each head."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,7 +54,7 @@ def hf_copy(model: Llama):
 @pytest.mark.parametrize("tie", [True, False])
 def test_model_matches_transformers(tie):
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, context=32,
+    model = Transformer(ModelConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, context=32,
                               tie_embeddings=tie)).eval()
     ids = torch.randint(0, 300, (2, 32))
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_bits_per_byte_leaves_out_bos_targets(trained_run, tiny_data):
     out, result = trained_run
     state, weights, _ = train.load_checkpoint(train.checkpoints(out)[-1])
     assert state["step"] == result["step"] == 20  # the weights the final evaluation saw
-    model = Llama(ModelConfig(**state["model_config"]))
+    model = Transformer(ModelConfig(**state["model_config"]))
     model.load_state_dict(weights)
     manifest = data.load_manifest(tiny_data)
     losses, targets = [], []
@@ -170,14 +170,14 @@ def test_muon_equals_torch_muon_and_runs_newton_schulz_in_float32_on_cpu():
         assert all(torch.equal(a, b) for a, b in zip(params[0], params[2])), step
         assert all((a - b).abs().max() <= 2e-3 for a, b in zip(params[1], params[2])), step
     assert not all(torch.equal(a, b) for a, b in zip(params[1], params[2]))  # float32 really ran
-    assert type(train.make_optimizer(Llama(ModelConfig.from_depth(2, 300, 32)), train.TrainConfig(data=""))[0]) \
+    assert type(train.make_optimizer(Transformer(ModelConfig.from_depth(2, 300, 32)), train.TrainConfig(data=""))[0]) \
         is train.Muon
 
 def test_export_f32_matches_pytorch_and_transformers(trained_run, tmp_path):
     out, _ = trained_run
     path = export.export(out, tmp_path / "m.gguf", "f32")
     state, weights, _ = train.load_checkpoint(train.checkpoints(out)[-1])
-    model = Llama(ModelConfig(**state["model_config"]))
+    model = Transformer(ModelConfig(**state["model_config"]))
     model.load_state_dict(weights)
     model.eval()
     ours = run.load(path)
@@ -219,7 +219,7 @@ def test_q4_k_export_holds_q4_k_matrices(trained_run, tmp_path):
     config = ModelConfig.from_depth(5, state["model_config"]["vocab_size"], 64)
     assert (config.n_embd, config.n_ff) == (256, 704)
     torch.manual_seed(0)
-    model = Llama(config)
+    model = Transformer(config)
     run_dir = tmp_path / "wide"
     run_dir.mkdir()
     shutil.copy(out / "tokenizer.json", run_dir / "tokenizer.json")
@@ -264,7 +264,7 @@ def test_eval_gguf_matches_pytorch_bits_per_byte(trained_run, tmp_path):
     text = "The quick brown fox jumps over the lazy dog. " * 20
     r = export.evaluate_text(run.load(path), text)
     state, weights, _ = train.load_checkpoint(train.checkpoints(out)[-1])
-    model = Llama(ModelConfig(**state["model_config"]))
+    model = Transformer(ModelConfig(**state["model_config"]))
     model.load_state_dict(weights)
     ids = tokenizer.load(out / "tokenizer.json").encode(text, add_special_tokens=False).ids
     ids = [0] + ids
@@ -397,7 +397,7 @@ def test_exploding_gradient_after_a_checkpoint_is_not_applied(tiny_data, tmp_pat
     out = tmp_path / "o"
     forwards, before = [], {}  # training forwards so far; the newest checkpoint as the bad step began
 
-    class Exploding(Llama):
+    class Exploding(Transformer):
         def forward(self, idx, targets=None, reduction="mean"):
             result = super().forward(idx, targets, reduction)
             if targets is None or not self.training:
@@ -410,7 +410,7 @@ def test_exploding_gradient_after_a_checkpoint_is_not_applied(tiny_data, tmp_pat
             logits, loss = result
             return logits, InfGradient.apply(loss)
 
-    monkeypatch.setattr(train, "Llama", Exploding)
+    monkeypatch.setattr(train, "Transformer", Exploding)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(ValueError, match=r"^gradient norm is (inf|nan) at step 10: training diverged \(lower --lr\?\); "
                                          r"the step was not applied, the last good checkpoint is .*ckpt_0000005$"):
@@ -434,7 +434,7 @@ def test_disk_full_during_checkpoint_keeps_the_last_good_one(tiny_data, tmp_path
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     state, weights, _ = train.load_checkpoint(good)
-    model = Llama(ModelConfig(**state["model_config"]))
+    model = Transformer(ModelConfig(**state["model_config"]))
     with pytest.raises(OSError, match="No space left"):
         gathered = train.gather_state(model, [torch.optim.AdamW(model.parameters())])
         train.save_checkpoint(out, *gathered, {**state, "step": 6}, keep=2)

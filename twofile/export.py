@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from twofile import __version__, run
+from twofile.model import gguf_name, permute_qk
 from twofile import tokenizer as tokenizers_
 
 TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K"}
@@ -28,20 +29,6 @@ def latest_checkpoint(folder: str | Path) -> Path:
     if not found:
         raise ValueError(f"{folder}: no checkpoint (ckpt_*/state.json) to export")
     return found[-1]
-
-
-def gguf_name(name: str) -> str:
-    """PyTorch parameter name -> GGUF tensor name (the model's names mirror GGUF's)."""
-    parts = name.split(".")
-    if parts[0] == "blocks":
-        return ".".join(["blk", parts[1], *[p for p in parts[2:] if p != "attn"]])
-    return name
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Rotate-half rows -> adjacent-pair rows (GGUF llama's RoPE), per head."""
-    rows, cols = w.shape
-    return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 def quantize_q4_k(w: np.ndarray) -> np.ndarray:
@@ -100,6 +87,8 @@ def export(run_folder: str | Path, path: str | Path, ftype: str = "f32") -> Path
         raise ValueError(f"--type {ftype!r} is not one of {', '.join(TYPES)}")
     ckpt = latest_checkpoint(run_folder)
     state = json.loads((ckpt / "state.json").read_text())
+    if "finetune_config" in state:
+        return export_finetuned(run_folder, path, ftype)
     c = state["model_config"]
     tok = tokenizers_.load(Path(run_folder) / "tokenizer.json")
     if tokenizers_.fingerprint(tok) != state["tokenizer"]:
@@ -159,6 +148,55 @@ def export(run_folder: str | Path, path: str | Path, ftype: str = "f32") -> Path
     if fallback:
         print(f"{path}: {len(fallback)} tensors whose rows are not a multiple of 256 are Q8_0 "
               f"({', '.join(fallback[:3])}{', ...' if len(fallback) > 3 else ''})", file=sys.stderr)
+    return path
+
+
+def export_finetuned(run_folder: str | Path, path: str | Path, ftype: str) -> Path:
+    """A finetuning run as a GGUF file of its source's architecture: the source's metadata
+    (tokenizer, chat template, ...) and RoPE factors, the trained weights under the source's
+    tensor names (LoRA merged)."""
+    import gguf
+    import torch
+
+    from twofile import finetune
+
+    source = Path(run_folder) / "source.gguf"
+    if not source.is_file():
+        raise ValueError(f"{run_folder}: source.gguf (the source model's metadata) is missing")
+    model, state = finetune.trained_model(run_folder)
+    c = model.config
+    reader = gguf.GGUFReader(str(source))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), c.arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.quantization_version"):
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    writer.add_string("twofile.finetuned", f"{state['step']} steps on {state['tokens']:,} tokens by twofile {__version__}")
+    writer.add_file_type(FILE_TYPES[ftype])
+    if ftype.startswith("q"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data, np.float32))
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            w = tensor.float().numpy()
+            if c.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+                w = permute_qk(w, c.n_head if name.endswith("attn_q.weight") else c.n_head_kv)
+            data, qtype = encode(w, ftype)
+            writer.add_tensor(gguf_name(name), data,
+                              raw_dtype=None if qtype == "F32" else gguf.GGMLQuantizationType[qtype])
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -538,7 +538,7 @@ class Config:
 ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True, "phi3": True, "gemma2": True, "gemma3": True}
 
 
-def _config(gguf: GGUFFile) -> Config:
+def read_config(gguf: GGUFFile) -> Config:
     """The ARCH.* keys, checked."""
     meta, path = gguf.metadata, gguf.path
     # every value is checked for its type before use: a crafted file can put an array anywhere
@@ -677,7 +677,7 @@ class Model:
     def __init__(self, gguf: GGUFFile, n_ctx: int | None = None, threads: int | None = None, activations: int = 16,
                  decode: bool | None = None):
         self.gguf, self.metadata, self.path = gguf, gguf.metadata, gguf.path
-        self.config = c = _config(gguf)
+        self.config = c = read_config(gguf)
         self.tokenizer = Tokenizer(gguf.metadata, gguf.path)
         if len(self.tokenizer.tokens) != c.n_vocab:  # every id the model emits must be a token
             raise GGUFError(f"{self.path}: {c.arch}.vocab_size is {c.n_vocab} but tokenizer.ggml.tokens has "

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from twofile import data
-from twofile.model import Llama, ModelConfig
+from twofile.model import ModelConfig, Transformer
 
 
 @dataclass
@@ -102,7 +102,8 @@ def peak_flops(device: torch.device) -> float:
             if key in name:
                 return peak
     n = 2048  # large enough for the BLAS to reach its best; the fastest of several runs
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    g = torch.Generator(device).manual_seed(0)  # not the global generator: a resumed run's must not move
+    a, b = torch.randn(n, n, device=device, generator=g), torch.randn(n, n, device=device, generator=g)
     times = []
     for _ in range(6):
         t = time.perf_counter()
@@ -226,8 +227,10 @@ def checkpoints(out: str | Path) -> list[Path]:
 
 
 def gather_state(model, optimizers) -> tuple[dict, dict, list]:
-    """Full weights and optimizer state on every rank (collective under FSDP2)."""
-    weights = {k: _full(v).detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    """Full weights and optimizer state on every rank (collective under FSDP2); of a model
+    with frozen parameters (LoRA), the trained ones only."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    weights = {k: _full(v).detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in frozen}
     tensors, groups = _flatten_optimizer(optimizers)
     return weights, tensors, groups
 
@@ -296,8 +299,10 @@ def evaluate(model, shards, context: int, val_bytes: int, bos_id: int, rt: Runti
 # The training loop
 # ---------------------------------------------------------------------------
 
-def _resume_from(cfg: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a new run), after checking it fits cfg."""
+def resume_from(cfg, resume: bool, key: str = "train_config", free=("data", "out", "compile"),
+                verb: str = "trained") -> Path | None:
+    """The checkpoint to resume from (None for a new run), after checking that its state's
+    `key` (the run's configuration) equals cfg but for the fields in `free`."""
     found = checkpoints(cfg.out)
     if not resume:
         if found:
@@ -306,10 +311,10 @@ def _resume_from(cfg: TrainConfig, resume: bool) -> Path | None:
         return None
     if not found:
         raise ValueError(f"{cfg.out}: no checkpoint to resume from")
-    stored = json.loads((found[-1] / "state.json").read_text())["train_config"]
-    for key, value in asdict(cfg).items():
-        if key not in ("data", "out", "compile") and stored.get(key) != value:
-            raise ValueError(f"{cfg.out} was trained with {key} = {stored.get(key)!r}, not {value!r}: "
+    stored = json.loads((found[-1] / "state.json").read_text())[key]
+    for name, value in asdict(cfg).items():
+        if name not in free and stored.get(name) != value:
+            raise ValueError(f"{cfg.out} was {verb} with {name} = {stored.get(name)!r}, not {value!r}: "
                              f"a resumed run keeps its configuration")
     return found[-1]
 
@@ -323,7 +328,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     val_shards = data.open_split(cfg.data, "val")
     if not val_shards:
         raise ValueError(f"{cfg.data}: the validation split is empty (prepare with --val-fraction > 0)")
-    saved = _resume_from(cfg, resume)
+    saved = resume_from(cfg, resume)
     if saved is not None:
         state, weights, opt_tensors = load_checkpoint(saved)
         if state["tokenizer"] != manifest["tokenizer"]:
@@ -336,13 +341,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     accum = cfg.batch_tokens // per_micro
     torch.manual_seed(cfg.seed)
     mcfg = ModelConfig.from_depth(cfg.depth, manifest["vocab_size"], cfg.context, tie_embeddings=cfg.tie_embeddings)
-    model = Llama(mcfg).to(rt.device)
+    model = Transformer(mcfg).to(rt.device)
     step, total = 0, cfg.max_steps
     if saved is not None:
         model.load_state_dict(weights)  # before sharding: FSDP2 shards what is loaded
         torch.set_rng_state(opt_tensors.pop("rng.torch"))
         step, total = state["step"], state["total_steps"]
-    flops_per_step = model.flops_per_token() * cfg.batch_tokens
     train_model = model
     if rt.world > 1:
         if cfg.fsdp:
@@ -358,7 +362,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         _unflatten_optimizer(optimizers, opt_tensors, state["optimizer_groups"])
     if cfg.compile:
         train_model = torch.compile(train_model)
-    peak = peak_flops(rt.device)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         tok_copy = out / "tokenizer.json"
@@ -370,26 +373,62 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
               f"parameters; {rt.world} process(es), {accum} micro-batch(es) of {cfg.micro_batch} per step, "
               f"{cfg.optimizer}, {rt.device.type}", file=sys.stderr)
 
-    def train_step(s: int) -> tuple[float, float]:
+    def batches(s: int):
+        micro_batches = []
+        for micro in range(accum):
+            index = rt.rank * accum + micro  # this micro-batch's place in the global batch
+            x, y = data.train_batch(shards, cfg.micro_batch, cfg.context, cfg.seed, s, index)
+            micro_batches.append({"idx": torch.from_numpy(x).to(rt.device), "targets": torch.from_numpy(y).to(rt.device)})
+        return micro_batches, cfg.batch_tokens, cfg.batch_tokens
+
+    def state_of(s: int, total: int, tokens: int) -> dict:
+        return {"step": s, "total_steps": total, "tokens": tokens, "tokenizer": manifest["tokenizer"],
+                "train_config": asdict(cfg), "model_config": mcfg.to_dict()}
+
+    def validate() -> dict:
+        return evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], manifest["bos_id"], rt,
+                        split=not cfg.fsdp)
+
+    result = fit(cfg, rt, out, model, train_model, optimizers, step, total, step * cfg.batch_tokens, batches,
+                 validate, state_of, lambda positions, targets: model.flops_per_token() * positions, progress)
+    if rt.world > 1:  # together: a rank leaving while another still writes can abort gloo
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, total: int, tokens: int, batches,
+        validate, state_of, flops, progress: bool) -> dict:
+    """The loop that pretraining and finetuning share: steps from `step` to `total` (0: as many
+    as cfg.time_budget allows, measured), evaluations, checkpoints, signals, the log and the
+    loss plot. batches(s) gives step s's micro-batches for this rank (each a dict of the
+    model's arguments: idx, targets, maybe rows; targets of -100 left out), the number of
+    targets and of positions in the whole step (all ranks):
+    the loss is the mean over the step's targets, however they fall into micro-batches.
+    state_of(step, total, tokens) is a checkpoint's state.json; flops(positions, targets) a
+    step's training FLOPs (for MFU). cfg: lr_at's fields,
+    grad_clip, time_budget, eval_every, checkpoint_every, keep_checkpoints, fsdp."""
+    peak = peak_flops(rt.device)
+
+    def train_step(s: int) -> tuple[float, float, int]:
         lr = lr_at(s, cfg, total)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
+        micro_batches, n_targets, n_positions = batches(s)
+        step_flops = flops(n_positions, n_targets)
         loss_sum = torch.zeros((), device=rt.device)
-        for micro in range(accum):
-            index = rt.rank * accum + micro  # this micro-batch's place in the global batch
-            x, y = data.train_batch(shards, cfg.micro_batch, cfg.context, cfg.seed, s, index)
-            x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
-            sync = micro == accum - 1 or rt.world == 1 or cfg.fsdp
+        for micro, inputs in enumerate(micro_batches):
+            sync = micro == len(micro_batches) - 1 or rt.world == 1 or cfg.fsdp
             ctx = train_model.no_sync() if not sync and hasattr(train_model, "no_sync") else nullcontext()
             with ctx, torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-                _, loss = train_model(x, y)
-                (loss / accum).backward()
+                _, loss = train_model(**inputs, reduction="sum")
+                # DDP and FSDP2 average the ranks' gradients: times world, the step's mean
+                (loss * (rt.world / n_targets)).backward()
             loss_sum += loss.detach()
-        loss_mean = loss_sum / accum
         if rt.world > 1:
-            dist.all_reduce(loss_mean)
-            loss_mean /= rt.world
+            dist.all_reduce(loss_sum)
+        loss_mean = loss_sum / n_targets
         # the norm of the gradients every rank holds after DDP's all-reduce (FSDP2: a DTensor,
         # gathered), so all ranks agree on skipping a step
         if cfg.grad_clip > 0:
@@ -407,11 +446,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return loss_value, norm_value
-
-    def state_dict(s: int) -> dict:
-        return {"step": s, "total_steps": total, "tokens": s * cfg.batch_tokens, "tokenizer": manifest["tokenizer"],
-                "train_config": asdict(cfg), "model_config": mcfg.to_dict()}
+        return loss_value, norm_value, n_positions, step_flops
 
     saved_step = step  # the step of the newest checkpoint (0: none needed yet)
 
@@ -419,14 +454,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         nonlocal saved_step
         gathered = gather_state(model, optimizers)
         if rt.main:
-            save_checkpoint(out, *gathered, state_dict(s), cfg.keep_checkpoints)
+            save_checkpoint(out, *gathered, state_of(s, total, tokens), cfg.keep_checkpoints)
         if rt.world > 1:
             dist.barrier()
         saved_step = s
-
-    def validate() -> dict:
-        return evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], manifest["bos_id"], rt,
-                        split=not cfg.fsdp)
 
     def stop_requested(signals: list) -> bool:
         """Whether any rank got a signal: all ranks stop together, or one would wait forever
@@ -448,7 +479,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             for probe in range(7):  # 2 untimed steps (compilation, allocation), then 5 timed ones
                 if probe == 2:
                     t0 = time.perf_counter()
-                train_step(step)
+                tokens += train_step(step)[2]
                 step += 1
             step_time = (time.perf_counter() - t0) / 5
             if rt.world > 1:
@@ -465,27 +496,30 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
         bar = tqdm(total=total, initial=step, disable=not (progress and rt.main), unit="step", file=sys.stderr,
                    dynamic_ncols=True)
-        t_last, tokens_last = time.perf_counter(), step * cfg.batch_tokens
+        t_last = time.perf_counter()
         # a signal is acted on here only: after a whole step, its evaluation and its checkpoint
         while not (interrupted := stop_requested(signals)) and step < total:
-            loss, grad_norm = train_step(step)
+            loss, grad_norm, n_positions, step_flops = train_step(step)
             step += 1
+            tokens += n_positions
             now = time.perf_counter()
-            tok_s = (step * cfg.batch_tokens - tokens_last) / max(now - t_last, 1e-9)
-            mfu = flops_per_step / cfg.batch_tokens * tok_s / (peak * rt.world)
-            metrics = {"step": step, "tokens": step * cfg.batch_tokens, "loss": loss, "grad_norm": grad_norm,
+            tok_s = n_positions / max(now - t_last, 1e-9)
+            mfu = step_flops / max(now - t_last, 1e-9) / (peak * rt.world)
+            metrics = {"step": step, "tokens": tokens, "loss": loss, "grad_norm": grad_norm,
                        "lr": lr_at(step - 1, cfg, total), "tok_s": tok_s, "mfu": mfu, "time": now - t_start}
             if step % cfg.eval_every == 0 or step == total:
                 last_eval = validate()
                 metrics.update(last_eval)
             if rt.main:
                 _log(out, metrics)
+                shown = next((k for k in ("val_bpb", "val_loss") if last_eval and k in last_eval), None)
                 bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%}"
-                                    + (f" | val bpb {last_eval['val_bpb']:.3f}" if last_eval else ""), refresh=False)
+                                    + (f" | {shown.replace('_', ' ')} {last_eval[shown]:.3f}" if shown else ""),
+                                    refresh=False)
                 bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == total:
                 checkpoint(step)
-            t_last, tokens_last = time.perf_counter(), step * cfg.batch_tokens  # evals and saves are not training speed
+            t_last = time.perf_counter()  # evals and saves are not training speed
         bar.close()
         if interrupted or signals:  # keep what the completed steps learned, then stop
             if step > saved_step:  # (after the last step, the final checkpoint is saved already)
@@ -496,8 +530,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             raise KeyboardInterrupt
     if rt.main:
         plot_losses(out)
-    if rt.world > 1:
-        dist.destroy_process_group()
     return {**metrics, **(last_eval or {})}
 
 
