@@ -49,7 +49,7 @@ def main():
     p.add_argument("--prompts", type=int, default=30, help="held-out conversations replied to (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per reply at most (default: %(default)s)")
     p.add_argument("--tasks", nargs="*", default=["arc_easy", "piqa"], help="benchmarks (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=200, help="items per benchmark (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=200, help="items per benchmark, 0: all (default: %(default)s)")
     args = p.parse_args()
     folder = Path(args.run)
     state = json.loads((sorted(folder.glob("ckpt_*"))[-1] / "state.json").read_text())
@@ -81,7 +81,7 @@ def main():
         print("\n| task | items | before acc | after acc | before acc_norm | after acc_norm |\n|---|---:|---:|---:|---:|---:|")
         models = {name: run.load(path) for name, path in (("before", source), ("after", after))}
         for task in args.tasks:
-            r = {name: evaluate.evaluate(m, task, limit=args.limit, progress=False) for name, m in models.items()}
+            r = {name: evaluate.evaluate(m, task, limit=args.limit or None, progress=False) for name, m in models.items()}
             cells = [task, r["before"]["items"]] + [f"{r[n][k]:.3f} ± {r[n][k + '_stderr']:.3f}" if k in r[n] else "-"
                                                    for k in ("acc", "acc_norm") for n in ("before", "after")]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)

