@@ -24,7 +24,7 @@ def main():
     p.add_argument("run_folder")
     p.add_argument("--types", nargs="+", default=list(export.TYPES))
     args = p.parse_args()
-    state = json.loads((export.latest_checkpoint(args.run_folder) / "state.json").read_text())
+    state = json.loads((export.chosen_checkpoint(args.run_folder) / "state.json").read_text())
     folder = state["train_config"]["data"]
     text_tokens = np.concatenate(data.open_split(folder, "val")).astype(np.int64).tolist()
     bos = data.load_manifest(folder)["bos_id"]  # BOS targets have no bytes: left out, as train.evaluate does

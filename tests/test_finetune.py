@@ -266,7 +266,7 @@ def test_finetune_learns_and_exports_for_run_py_and_transformers(tiny_gguf, chat
     assert vals[-1] < 0.9 * vals[0]  # (the replies' random words keep much of it)
     path = export.export(cfg.out, tmp_path / "sft" / "sft.gguf", "f32")
     trained = finetune.with_lora(load_gguf(str(tiny_gguf[0]))[0], 8)
-    trained.load_state_dict(load_file(str(tmp_path / "sft" / "ckpt_0000030" / "model.safetensors")), strict=False)
+    trained.load_state_dict(load_file(str(export.chosen_checkpoint(cfg.out) / "model.safetensors")), strict=False)
     ids = run.load(str(path)).chat_tokens([{"role": "user", "content": "the cat sat"}])
     expected = torch_logits(trained.eval(), ids)
     m = run.load(str(path))

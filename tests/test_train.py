@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from twofile import data, export, run, tokenizer, train
 from twofile.model import ModelConfig, Transformer
@@ -173,10 +174,16 @@ def test_muon_equals_torch_muon_and_runs_newton_schulz_in_float32_on_cpu():
     assert type(train.make_optimizer(Transformer(ModelConfig.from_depth(2, 300, 32)), train.TrainConfig(data=""))[0]) \
         is train.Muon
 
+def exported(out) -> tuple[dict, dict]:
+    """The state and weights export writes (the best validation's)."""
+    chosen = export.chosen_checkpoint(out)
+    return json.loads((chosen / "state.json").read_text()), load_file(str(chosen / "model.safetensors"))
+
+
 def test_export_f32_matches_pytorch_and_transformers(trained_run, tmp_path):
     out, _ = trained_run
     path = export.export(out, tmp_path / "m.gguf", "f32")
-    state, weights, _ = train.load_checkpoint(train.checkpoints(out)[-1])
+    state, weights = exported(out)
     model = Transformer(ModelConfig(**state["model_config"]))
     model.load_state_dict(weights)
     model.eval()
@@ -193,6 +200,36 @@ def test_export_f32_matches_pytorch_and_transformers(trained_run, tmp_path):
     # the file carries the tokenizer and the chat template
     assert ours.tokenizer.encode("hi <|im_end|>", add_bos=False)[-1] == 3
     assert "<|im_start|>assistant" in ours.chat_prompt([{"role": "user", "content": "hi"}])
+
+
+def test_export_writes_the_best_validation_not_the_last(tiny_data, tmp_path, monkeypatch):
+    """A run whose validation gets worse after its second evaluation (scripted here) keeps
+    that evaluation's weights as best_0000004, and only it; export writes them; a resumed run
+    keeps comparing against it."""
+    import shutil
+
+    def script(*values):
+        scripted = iter(values)
+        monkeypatch.setattr(train, "evaluate", lambda *a, **k: dict.fromkeys(("val_loss", "val_bpb"), next(scripted)))
+
+    script(3.0, 2.0, 2.5, 2.2, 2.1, 2.05)
+    cfg = tiny_config(tiny_data, tmp_path / "r", max_steps=12, eval_every=2, checkpoint_every=2)
+    train.train(cfg, progress=False)
+    assert [p.name for p in (tmp_path / "r").glob("best_*")] == ["best_0000004"]
+    best = load_file(str(tmp_path / "r" / "best_0000004" / "model.safetensors"))
+    at_4 = train.load_checkpoint(tmp_path / "r" / "ckpt_0000004")[1]
+    last = train.load_checkpoint(tmp_path / "r" / "ckpt_0000012")[1]
+    assert all(torch.equal(best[k], at_4[k]) for k in at_4) and not torch.equal(best["token_embd.weight"],
+                                                                                last["token_embd.weight"])
+    path = export.export(cfg.out, tmp_path / "m.gguf", "f32")
+    written = run.read_gguf(str(path)).tensors["token_embd.weight"].data.view(np.float32)
+    assert np.array_equal(written, best["token_embd.weight"].numpy().reshape(-1))
+    # resumed from step 8: 2.1 at step 10 does not beat the kept 2.0, 1.9 at step 12 does
+    for step in (10, 12):
+        shutil.rmtree(tmp_path / "r" / f"ckpt_{step:07d}")
+    script(2.1, 1.9)
+    train.train(cfg, resume=True, progress=False)
+    assert [p.name for p in (tmp_path / "r").glob("best_*")] == ["best_0000012"]
 
 
 @pytest.mark.parametrize("ftype", ["f16", "bf16", "q8_0", "q4_0"])
@@ -263,7 +300,7 @@ def test_eval_gguf_matches_pytorch_bits_per_byte(trained_run, tmp_path):
     path = export.export(out, tmp_path / "m.gguf", "f32")
     text = "The quick brown fox jumps over the lazy dog. " * 20
     r = export.evaluate_text(run.load(path), text)
-    state, weights, _ = train.load_checkpoint(train.checkpoints(out)[-1])
+    state, weights = exported(out)
     model = Transformer(ModelConfig(**state["model_config"]))
     model.load_state_dict(weights)
     ids = tokenizer.load(out / "tokenizer.json").encode(text, add_special_tokens=False).ids

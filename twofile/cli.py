@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -179,8 +180,12 @@ def finetune_command(args) -> None:
 def export_command(args) -> None:
     from twofile import export
 
+    chosen = export.chosen_checkpoint(args.run)
     path = export.export(args.run, args.output, args.type)
-    print(f"{path}: {os.path.getsize(path) / 1e6:.1f} MB ({args.type})", file=sys.stderr)
+    best = json.loads((chosen / "state.json").read_text()).get("best")
+    print(f"{path}: {os.path.getsize(path) / 1e6:.1f} MB ({args.type}), from {chosen}"
+          + (f" (the best validation: {', '.join(f'{k} {v:.4f}' for k, v in best.items())})" if best else ""),
+          file=sys.stderr)
 
 
 def eval_command(args) -> None:
@@ -363,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(action=finetune_command)
 
     p = commands.add_parser("export", help="write a training or finetuning run as one GGUF file")
-    p.add_argument("run", help="a run folder from `twofile train` or `twofile finetune`")
+    p.add_argument("run", help="a run folder from `twofile train` or `twofile finetune`: its weights of the best "
+                   "validation (best_STEP), else its latest checkpoint")
     p.add_argument("-o", "--output", required=True, help="the .gguf file to write")
     p.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k"],
                    help="the matrices' tensor type; norms stay f32 (default: %(default)s)")

@@ -23,12 +23,17 @@ TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k": 14, "bf16": 32}  # llama.cpp's LLAMA_FTYPE
 
 
-def latest_checkpoint(folder: str | Path) -> Path:
+def chosen_checkpoint(folder: str | Path) -> Path:
+    """What a run exports: its weights of the best validation (train.best_checkpoint), else
+    its latest checkpoint."""
+    from twofile import train
+
     folder = Path(folder)
-    found = sorted(p for p in folder.glob("ckpt_*") if (p / "state.json").exists()) if folder.is_dir() else []
-    if not found:
+    found = train.checkpoints(folder) if folder.is_dir() else []
+    best = train.best_checkpoint(folder) if folder.is_dir() else None
+    if best is None and not found:
         raise ValueError(f"{folder}: no checkpoint (ckpt_*/state.json) to export")
-    return found[-1]
+    return best or found[-1]
 
 
 def quantize_q4_k(w: np.ndarray) -> np.ndarray:
@@ -79,13 +84,14 @@ def encode(w: np.ndarray, ftype: str) -> tuple[np.ndarray, str]:
 
 
 def export(run_folder: str | Path, path: str | Path, ftype: str = "f32") -> Path:
-    """Write the latest checkpoint of a training run as a GGUF `llama` file."""
+    """Write a training run (its best validation's weights, else its latest checkpoint) as a
+    GGUF `llama` file."""
     import gguf
     from safetensors.numpy import load_file
 
     if ftype not in TYPES:
         raise ValueError(f"--type {ftype!r} is not one of {', '.join(TYPES)}")
-    ckpt = latest_checkpoint(run_folder)
+    ckpt = chosen_checkpoint(run_folder)
     state = json.loads((ckpt / "state.json").read_text())
     if "finetune_config" in state:
         return export_finetuned(run_folder, path, ftype)

@@ -293,13 +293,16 @@ def save_metadata(source: str, path: Path, template: str) -> None:
 
 
 def trained_model(run_folder: str | Path):
-    """The latest checkpoint of a finetuning run as a plain Transformer (LoRA merged into the
-    source file's weights, which a LoRA run's export reads again) and its state."""
-    from twofile.export import latest_checkpoint
+    """A finetuning run's weights (of its best held-out loss, else its latest checkpoint) as a
+    plain Transformer (LoRA merged into the source file's weights, which a LoRA run's export
+    reads again) and its state."""
+    from safetensors.torch import load_file
+
+    from twofile.export import chosen_checkpoint
     from twofile.model import ModelConfig, Transformer
 
-    ckpt = latest_checkpoint(run_folder)
-    state, weights, _ = train.load_checkpoint(ckpt)
+    ckpt = chosen_checkpoint(run_folder)
+    state, weights = json.loads((ckpt / "state.json").read_text()), load_file(str(ckpt / "model.safetensors"))
     cfg = FinetuneConfig(**state["finetune_config"])
     if not cfg.lora:
         model = Transformer(ModelConfig(**state["model_config"]))
@@ -337,7 +340,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
     saved = train.resume_from(cfg, resume, "finetune_config", ("out",), "finetuned")
     data_path = cfg.data or str(assets.fetch(assets.SHAREGPT))
     conversations = load_conversations(data_path)
-    if Path(cfg.model).is_dir():  # a pretraining run: its latest checkpoint as a GGUF file (ChatML)
+    if Path(cfg.model).is_dir():  # a pretraining run: its export (best validation) as a GGUF file (ChatML)
         from twofile import export
 
         source = str(out / "base.gguf")

@@ -229,32 +229,66 @@ def checkpoints(out: str | Path) -> list[Path]:
 def gather_state(model, optimizers) -> tuple[dict, dict, list]:
     """Full weights and optimizer state on every rank (collective under FSDP2); of a model
     with frozen parameters (LoRA), the trained ones only."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    weights = {k: _full(v).detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in frozen}
     tensors, groups = _flatten_optimizer(optimizers)
-    return weights, tensors, groups
+    return gather_weights(model), tensors, groups
+
+
+def gather_weights(model) -> dict:
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: _full(v).detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k not in frozen}
+
+
+def _write_folder(final: Path, write) -> Path:
+    """write(folder) into a temporary folder renamed to `final` once whole (atomic: a folder
+    with its final name is complete; a full disk leaves nothing half-written)."""
+    tmp = final.with_name(f".tmp_{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 def save_checkpoint(out: Path, weights: dict, tensors: dict, groups: list, state: dict, keep: int) -> Path:
     from safetensors.torch import save_file
 
-    final = out / f"ckpt_{state['step']:07d}"
-    tmp = out / f".tmp_{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / "model.safetensors"))
-        tensors = {**tensors, "rng.torch": torch.get_rng_state()}
-        save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic: a checkpoint folder with its final name is whole
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves nothing half-written
-        raise
+    def write(folder: Path):
+        save_file(weights, str(folder / "model.safetensors"))
+        rest = {**tensors, "rng.torch": torch.get_rng_state()}
+        save_file({k: v.to("cpu").contiguous() for k, v in rest.items()}, str(folder / "optimizer.safetensors"))
+        (folder / "state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=1))
+
+    final = _write_folder(out / f"ckpt_{state['step']:07d}", write)
     for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def best_checkpoint(out: str | Path) -> Path | None:
+    """The weights of the run's best validation so far (best_STEP: weights and state, no
+    optimizer; what export writes), or None."""
+    found = sorted(p for p in Path(out).glob("best_*") if p.is_dir() and (p / "state.json").exists())
+    return found[-1] if found else None
+
+
+def save_best(out: Path, weights: dict, state: dict) -> Path:
+    """A new best: written whole before the previous one is removed."""
+    from safetensors.torch import save_file
+
+    def write(folder: Path):
+        save_file(weights, str(folder / "model.safetensors"))
+        (folder / "state.json").write_text(json.dumps(state, indent=1))
+
+    final = _write_folder(out / f"best_{state['step']:07d}", write)
+    for old in Path(out).glob("best_*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -449,6 +483,27 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
         return loss_value, norm_value, n_positions, step_flops
 
     saved_step = step  # the step of the newest checkpoint (0: none needed yet)
+    # the best validation so far and its weights (best_STEP), what export writes: a long run on
+    # a small corpus ends worse than it was midway. A new run starts without one.
+    best = best_checkpoint(out)
+    if rt.main and step == 0 and best is not None:
+        shutil.rmtree(best, ignore_errors=True)
+    best_val = json.loads((best / "state.json").read_text())["best"] if best is not None and step else None
+
+    def keep_if_best(s: int, evaluation: dict):
+        """Save the weights when this evaluation (bits per byte, else loss) beats every earlier one."""
+        nonlocal best_val
+        key = "val_bpb" if "val_bpb" in evaluation else "val_loss"
+        better = torch.tensor([best_val is None or evaluation[key] < best_val[key]], dtype=torch.float32,
+                              device=rt.device)
+        if rt.world > 1:  # rank 0 decides: under FSDP each rank evaluated by itself, and all must gather
+            dist.broadcast(better, 0)
+        if not better.item():
+            return
+        best_val = {key: evaluation[key]}
+        weights = gather_weights(model)
+        if rt.main:
+            save_best(out, weights, {**state_of(s, total, tokens), "best": best_val})
 
     def checkpoint(s: int):
         nonlocal saved_step
@@ -510,6 +565,7 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
             if step % cfg.eval_every == 0 or step == total:
                 last_eval = validate()
                 metrics.update(last_eval)
+                keep_if_best(step, last_eval)
             if rt.main:
                 _log(out, metrics)
                 shown = next((k for k in ("val_bpb", "val_loss") if last_eval and k in last_eval), None)
