@@ -423,8 +423,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         return evaluate(model, val_shards, cfg.context, manifest["splits"]["val"]["bytes"], manifest["bos_id"], rt,
                         split=not cfg.fsdp)
 
+    per_token = model.flops_per_token()  # once: it counts the parameters
     result = fit(cfg, rt, out, model, train_model, optimizers, step, total, step * cfg.batch_tokens, batches,
-                 validate, state_of, lambda positions, targets: model.flops_per_token() * positions, progress)
+                 validate, state_of, lambda positions, targets: per_token * positions, progress)
     if rt.world > 1:  # together: a rank leaving while another still writes can abort gloo
         dist.barrier()
         dist.destroy_process_group()
@@ -444,7 +445,7 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
     grad_clip, time_budget, eval_every, checkpoint_every, keep_checkpoints, fsdp."""
     peak = peak_flops(rt.device)
 
-    def train_step(s: int) -> tuple[float, float, int]:
+    def train_step(s: int) -> tuple[float, float, int, float]:
         lr = lr_at(s, cfg, total)
         for opt in optimizers:
             for group in opt.param_groups:
