@@ -307,7 +307,7 @@ def test_one_file_is_split_at_its_end(tmp_path, tok_path):
     assert split_tokens(tmp_path / "gz") == tokens
     # and training takes it with no flags about validation
     result = train.train(train.TrainConfig(data=str(tmp_path / "out"), out=str(tmp_path / "run"), depth=2, context=32,
-                                           batch_tokens=256, micro_batch=8, max_steps=2, eval_every=2),
+                                           batch_tokens=256, micro_batch=8, max_steps=2, eval_every=2, compile=False),
                          progress=False)
     assert np.isfinite(result["val_bpb"]) and result["step"] == 2
 

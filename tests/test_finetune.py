@@ -336,7 +336,8 @@ def test_finetune_command_on_our_own_pretrained_run(tmp_path, chats, capsys):
     tokenizer.save(tok, tmp_path / "tok.json")
     data.prepare([str(corpus)], str(tmp_path / "tok.json"), str(tmp_path / "data"), val_fraction=0.2, progress=False)
     train.train(train.TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "pre"), depth=1, context=64,
-                                  batch_tokens=512, micro_batch=8, max_steps=5, eval_every=5), progress=False)
+                                  batch_tokens=512, micro_batch=8, max_steps=5, eval_every=5, compile=False),
+                progress=False)
     assert cli.main(["finetune", str(tmp_path / "pre"), "--data", chats, "--out", str(tmp_path / "sft"),
                      "--context", "64", "--steps", "3", "--batch-size", "4", "--micro-batch", "2"]) == 0
     assert "held-out loss per assistant token" in capsys.readouterr().err

@@ -4,10 +4,12 @@ per byte by hand, bad input and divergence."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +90,9 @@ def tiny_data(tmp_path_factory):
 
 def tiny_config(data_dir, out, **kw) -> train.TrainConfig:
     base = dict(data=str(data_dir), out=str(out), depth=2, context=32, batch_tokens=512, micro_batch=8,
-                max_steps=20, warmup_steps=4, lr=3e-3, eval_every=10, checkpoint_every=5, keep_checkpoints=50, seed=3)
+                max_steps=20, warmup_steps=4, lr=3e-3, eval_every=10, checkpoint_every=5, keep_checkpoints=50, seed=3,
+                weight_decay=0.0, dropout=0.0,  # not planned (test_plan_fills_only_what_is_left_to_it's)
+                compile=False)  # compilation takes longer than these runs (test_compiled_training_follows_eager's)
     return train.TrainConfig(**{**base, **kw})
 
 
@@ -151,10 +155,11 @@ def test_bits_per_byte_leaves_out_bos_targets(trained_run, tiny_data):
     assert result["val_loss"] == pytest.approx(losses.mean(), rel=1e-5)
 
 
-def test_muon_equals_torch_muon_and_runs_newton_schulz_in_float32_on_cpu():
+def test_muon_equals_torch_muon_and_runs_newton_schulz_in_float32_without_native_bf16(monkeypatch):
     """Our Muon with bf16 Newton-Schulz gives torch.optim.Muon's parameters to the bit (the
     oracle, same hyperparameters, 4 steps, tall and wide matrices); with float32 (what CPUs
-    get) it is torch's algorithm computed more precisely: within bf16's rounding of it."""
+    without native bf16 get) it is torch's algorithm computed more precisely: within bf16's
+    rounding of it."""
     torch.manual_seed(0)
     shapes = [(64, 96), (96, 64), (32, 32)]
     start = [torch.randn(s) for s in shapes]
@@ -171,8 +176,74 @@ def test_muon_equals_torch_muon_and_runs_newton_schulz_in_float32_on_cpu():
         assert all(torch.equal(a, b) for a, b in zip(params[0], params[2])), step
         assert all((a - b).abs().max() <= 2e-3 for a, b in zip(params[1], params[2])), step
     assert not all(torch.equal(a, b) for a, b in zip(params[1], params[2]))  # float32 really ran
-    assert type(train.make_optimizer(Transformer(ModelConfig.from_depth(2, 300, 32)), train.TrainConfig(data=""))[0]) \
-        is train.Muon
+    model = Transformer(ModelConfig.from_depth(2, 300, 32))
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(train, "native_bf16", lambda device: native)
+        muon = train.make_optimizer(model, train.TrainConfig(data=""))[0]
+        assert type(muon) is train.Muon and muon.ns_dtype == dtype
+
+
+def test_plan_fills_only_what_is_left_to_it():
+    """The deepest model whose tokens per parameter reach the threshold (parameters and FLOPs
+    counted here on real models: 6 per weight, tied embeddings once, plus attention's
+    12 x layers x width x context), regularization only past the passes over the data the
+    rule allows, and explicit settings kept."""
+    cfg = train.TrainConfig(data="", max_steps=1000, batch_tokens=4096, context=128)
+    tokens = 1000 * 4096
+
+    def params(depth):
+        c = ModelConfig.from_depth(depth, 4096, 128)
+        return (sum(p.numel() for p in Transformer(c).parameters()) * 6 + 12 * depth * c.n_embd * 128) / 6
+
+    expected = max(d for d in range(2, train.MAX_DEPTH + 1) if tokens >= train.TOKENS_PER_PARAM * params(d))
+    few = train.plan(cfg, unique_tokens=int(tokens / (train.REGULARIZE_AFTER - 1)), vocab_size=4096, flops_per_s=1e12)
+    assert (few.depth, few.weight_decay, few.dropout) == (expected, 0.0, 0.0)
+    many = train.plan(cfg, unique_tokens=int(tokens / (train.REGULARIZE_AFTER + 1)), vocab_size=4096, flops_per_s=1e12)
+    assert (many.depth, many.weight_decay, many.dropout) == (expected, train.WEIGHT_DECAY, train.DROPOUT)
+    kept = train.plan(replace(cfg, depth=3, weight_decay=0.0, dropout=0.2), unique_tokens=1, vocab_size=4096,
+                      flops_per_s=1e12)
+    assert (kept.depth, kept.weight_decay, kept.dropout) == (3, 0.0, 0.2)
+    # a time budget: more time (or a faster machine) never plans a smaller model
+    timed = replace(cfg, max_steps=0)
+    depths = [train.plan(replace(timed, time_budget=t), 10**6, 4096, 1e12).depth for t in (60, 300, 900, 3600, 36000)]
+    assert depths == sorted(depths) and depths[0] < depths[-1]
+
+
+def test_resume_keeps_the_planned_settings(tiny_data, tmp_path, monkeypatch):
+    """What was planned at the start stays: a resumed run does not plan again (a noisy peak
+    measurement could plan another depth)."""
+    cfg = tiny_config(tiny_data, tmp_path / "r", depth=0, weight_decay=-1.0, dropout=-1.0, max_steps=10)
+    train.train(cfg, progress=False)
+    shutil.rmtree(train.checkpoints(cfg.out)[-1])
+    first = json.loads((train.checkpoints(cfg.out)[-1] / "state.json").read_text())["train_config"]
+    assert first["depth"] >= 2 and first["weight_decay"] >= 0 and first["dropout"] >= 0
+    monkeypatch.setattr(train, "plan", lambda *a: pytest.fail("planned again on resume"))
+    train.train(cfg, resume=True, progress=False)
+    assert json.loads((train.checkpoints(cfg.out)[-1] / "state.json").read_text())["train_config"] == first
+
+
+def test_compiled_training_follows_eager(tiny_data, tmp_path):
+    """torch.compile (the default) trains as eager does: the same losses within float32's
+    reordering of sums."""
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        train.train(tiny_config(tiny_data, out, max_steps=4, compile=compiled, precision="float32"), progress=False)
+        losses[compiled] = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()
+                            if "loss" in json.loads(l)]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_precision_follows_the_hardware_unless_chosen(monkeypatch):
+    """auto: bfloat16 autocast where the hardware multiplies bfloat16, float32 elsewhere; a
+    choice is kept either way; anything else is a one-line error."""
+    for native in (True, False):
+        monkeypatch.setattr(train, "native_bf16", lambda device: native)
+        assert train.setup_runtime("auto").autocast_dtype == (torch.bfloat16 if native else None)
+        assert train.setup_runtime("bfloat16").autocast_dtype == torch.bfloat16
+        assert train.setup_runtime("float32").autocast_dtype is None
+    with pytest.raises(ValueError, match="--precision 'fp8' is not one of auto, bfloat16, float32"):
+        train.setup_runtime("fp8")
 
 def exported(out) -> tuple[dict, dict]:
     """The state and weights export writes (the best validation's)."""
@@ -206,8 +277,6 @@ def test_export_writes_the_best_validation_not_the_last(tiny_data, tmp_path, mon
     """A run whose validation gets worse after its second evaluation (scripted here) keeps
     that evaluation's weights as best_0000004, and only it; export writes them; a resumed run
     keeps comparing against it."""
-    import shutil
-
     def script(*values):
         scripted = iter(values)
         monkeypatch.setattr(train, "evaluate", lambda *a, **k: dict.fromkeys(("val_loss", "val_bpb"), next(scripted)))
@@ -249,8 +318,6 @@ def test_q4_k_export_holds_q4_k_matrices(trained_run, tmp_path):
     decode (gguf's reference decoder) to within a 4-bit step of the f32 file's, and the model
     picks the f32 model's next tokens."""
     import gguf
-    import shutil
-
     out, _ = trained_run
     state = json.loads((train.checkpoints(out)[-1] / "state.json").read_text())
     config = ModelConfig.from_depth(5, state["model_config"]["vocab_size"], 64)
@@ -386,7 +453,6 @@ def test_two_processes_equal_one(tiny_data, tmp_path, optimizer, tolerance):
     np.testing.assert_allclose(losses(two.out), losses(one.out), atol=tolerance, rtol=0)
     # a 2-process run resumes too: drop its last checkpoints and continue to the same end
     for ckpt in train.checkpoints(Path(two.out))[-2:]:
-        import shutil
         shutil.rmtree(ckpt)
     run_training(two, resume=True, nproc=2)
     np.testing.assert_allclose(losses(two.out), losses(one.out), atol=tolerance, rtol=0)
@@ -400,6 +466,8 @@ def test_bad_input(tiny_data, tmp_path):
         train.train(tiny_config(tmp_path / "empty", tmp_path / "o"), progress=False)
     with pytest.raises(ValueError, match="not a multiple of micro_batch"):
         train.train(tiny_config(tiny_data, tmp_path / "o", batch_tokens=100), progress=False)
+    with pytest.raises(ValueError, match=r"^--dropout 1.0 must be below 1 \(negative: planned\)$"):
+        train.train(tiny_config(tiny_data, tmp_path / "o", dropout=1.0), progress=False)
     cfg = tiny_config(tiny_data, tmp_path / "o", max_steps=5)
     train.train(cfg, progress=False)
     with pytest.raises(ValueError, match="holds checkpoints"):
@@ -547,7 +615,7 @@ def test_a_second_ctrl_c_stops_at_once(straight_run, tiny_data, tmp_path):
 
 def cli_train(data_dir, out, *flags, resume=False, wait=True):
     """`python -m twofile train` as a user runs it: its stderr, or with wait=False the process."""
-    args = ["--resume", str(out)] if resume else ["--data", str(data_dir), "--out", str(out), *flags]
+    args = ["--resume", str(out)] if resume else ["--data", str(data_dir), "--out", str(out), "--no-compile", *flags]
     return launch([sys.executable, "-m", "twofile", "train", *args], wait)
 
 
@@ -582,8 +650,10 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_bit_exact(tiny_data, tmp_pa
 def test_fsdp2_two_processes_equal_one(tiny_data, tmp_path):
     """FSDP2 (fully_shard) over 2 CPU processes: the same losses as 1 process, and a resume
     from its gathered checkpoint reaches the same end."""
-    one = tiny_config(tiny_data, tmp_path / "one", max_steps=10, optimizer="adamw")
-    sharded = tiny_config(tiny_data, tmp_path / "fsdp", max_steps=10, fsdp=True, optimizer="adamw")
+    # float32: the tolerance is for the order of sums; bfloat16 rounds each rank's shards apart
+    one = tiny_config(tiny_data, tmp_path / "one", max_steps=10, optimizer="adamw", precision="float32")
+    sharded = tiny_config(tiny_data, tmp_path / "fsdp", max_steps=10, fsdp=True, optimizer="adamw",
+                          precision="float32")
     run_training(one)
     run_training(sharded, nproc=2)
 
@@ -592,8 +662,6 @@ def test_fsdp2_two_processes_equal_one(tiny_data, tmp_path):
                 if "loss" in json.loads(l)]
 
     np.testing.assert_allclose(losses(sharded.out), losses(one.out), atol=1e-5, rtol=0)
-    import shutil
-
     shutil.rmtree(train.checkpoints(Path(sharded.out))[-1])  # back to step 5
     run_training(sharded, resume=True, nproc=2)
     np.testing.assert_allclose(losses(sharded.out), losses(one.out), atol=1e-5, rtol=0)

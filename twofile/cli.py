@@ -82,7 +82,8 @@ DEFAULT_VOCAB = 4096  # tokens, for `tokenizer train` and the default corpus of 
 # name (--steps: max_steps, --time: time_budget) and the default is TrainConfig's (a test checks
 # it), written here so that `twofile run` need not import torch to build its parser.
 TRAIN_FLAGS = {
-    "depth": (int, None, 4, "the model's one size knob: layers; width 48 x depth in 64-wide heads, FFN 8/3 width"),
+    "depth": (int, None, 0, "the model's one size knob: layers; width 48 x depth in 64-wide heads, FFN 8/3 width; "
+                            "0: planned from --time (or --steps) and the corpus's size"),
     "context": (int, None, 128, "tokens per training sequence (the exported model's context)"),
     "batch_tokens": (int, None, 4096, "tokens per optimizer step, all ranks and accumulation steps together"),
     "micro_batch": (int, None, 32, "sequences per forward/backward pass on one rank"),
@@ -90,7 +91,10 @@ TRAIN_FLAGS = {
     "lr": (float, None, 3e-3, "peak learning rate"),
     "schedule": (str, ["wsd", "cosine"], "wsd", "wsd: warmup, constant, linear decay over the last 40%%; or cosine"),
     "warmup_steps": (int, None, 20, "steps of linear warmup"),
-    "weight_decay": (float, None, 0.0, "decoupled weight decay of the matrices"),
+    "weight_decay": (float, None, -1.0, "decoupled weight decay of the matrices; negative: planned (0 for a few "
+                                        "passes over the data, more for many)"),
+    "dropout": (float, None, -1.0, "dropout of the embeddings and residual branches while training; negative: "
+                                   "planned as --weight-decay"),
     "grad_clip": (float, None, 1.0, "clip the gradient norm to this (0: no clipping; a non-finite norm stops "
                                     "training either way)"),
     "steps": (int, None, 0, "optimizer steps (0: as many as --time allows)"),
@@ -99,6 +103,8 @@ TRAIN_FLAGS = {
     "checkpoint_every": (int, None, 200, "steps between checkpoints"),
     "keep_checkpoints": (int, None, 2, "how many of the newest checkpoints to keep"),
     "seed": (int, None, 0, "seed of the initialization and of every batch"),
+    "precision": (str, ["auto", "bfloat16", "float32"], "auto", "auto: bfloat16 autocast where the hardware "
+                  "multiplies bfloat16 (CUDA, CPUs with AVX-512 BF16 or AMX), else float32"),
 }
 
 
@@ -110,16 +116,17 @@ def train_command(args) -> None:
 
     given = {("max_steps" if k == "steps" else "time_budget" if k == "time" else k): getattr(args, k)
              for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    for flag in ("compile", "fsdp", "untied"):
+    for flag in ("fsdp", "untied"):
         if getattr(args, flag):
             given["tie_embeddings" if flag == "untied" else flag] = flag != "untied"
+    if args.compile is not None:
+        given["compile"] = args.compile
     if args.resume:  # the run's own configuration; train() refuses flags that change it
         found = train.checkpoints(args.resume)
         if not found:
             raise ValueError(f"{args.resume}: no checkpoint to resume from")
         stored = json.loads((found[-1] / "state.json").read_text())["train_config"]
-        cfg = train.TrainConfig(**{**stored, **given, "data": args.data or stored["data"], "out": args.resume,
-                                   "compile": args.compile})
+        cfg = train.TrainConfig(**{**stored, **given, "data": args.data or stored["data"], "out": args.resume})
     else:
         data_dir = args.data or train.default_data(args.vocab_size)
         if "time_budget" in given and "max_steps" not in given:
@@ -149,6 +156,7 @@ FINETUNE_FLAGS = {
     "keep_checkpoints": (int, None, 2, "how many of the newest checkpoints to keep"),
     "val_conversations": (int, None, 100, "held-out conversations evaluated (every 50th is held out)"),
     "seed": (int, None, 0, "seed of LoRA's initialization and of the conversations' order"),
+    "precision": TRAIN_FLAGS["precision"],
 }
 
 
@@ -341,9 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB,
                    help="tokenizer size for the default corpus (default: %(default)s)")
     for flag, (kind, choices, default, text) in TRAIN_FLAGS.items():
+        shown = "planned" if flag in ("depth", "weight_decay", "dropout") else default
         p.add_argument("--" + flag.replace("_", "-"), type=kind, choices=choices, default=None,
-                       help=f"{text} (default: {default})")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+                       help=f"{text} (default: {shown})")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model; on CPU where a C++ compiler is found (default: on)")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun (default: DDP)")
     p.add_argument("--untied", action="store_true",
                    help="a separate output matrix instead of tied embeddings (default: tied)")

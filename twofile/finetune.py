@@ -77,6 +77,7 @@ class FinetuneConfig:
     keep_checkpoints: int = 2
     val_conversations: int = 100    # held-out conversations evaluated (at most)
     seed: int = 0
+    precision: str = "auto"         # bfloat16 autocast where the hardware has it (train.setup_runtime)
     fsdp: bool = False
 
     def __post_init__(self):
@@ -335,7 +336,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
     if cfg.lora < 0:
         raise ValueError(f"--lora must be a rank of 1 or more (or 0: full finetuning), not {cfg.lora}")
-    rt = train.setup_runtime()
+    rt = train.setup_runtime(cfg.precision)
     out = Path(cfg.out)
     saved = train.resume_from(cfg, resume, "finetune_config", ("out",), "finetuned")
     data_path = cfg.data or str(assets.fetch(assets.SHAREGPT))

@@ -58,6 +58,7 @@ class ModelConfig:
     rope_theta_swa: float = 10000.0  # ... with this RoPE base, unscaled
     attn_softcap: float = 0.0        # Gemma 2: scores s -> cap * tanh(s / cap)
     final_softcap: float = 0.0       # ... and the logits
+    dropout: float = 0.0             # training only (model.train()): embeddings and each residual branch
 
     @property
     def head_dim(self) -> int:
@@ -65,14 +66,15 @@ class ModelConfig:
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, context: int, aspect: int = 48, head_dim: int = 64,
-                   kv_ratio: int = 2, tie_embeddings: bool = True) -> "ModelConfig":
+                   kv_ratio: int = 2, tie_embeddings: bool = True, dropout: float = 0.0) -> "ModelConfig":
         """One knob: width = depth * aspect rounded to whole heads; FFN = 8/3 width
         (SwiGLU's usual size) rounded to 32 so every quantized type fits its rows."""
         n_head = max(1, round(depth * aspect / head_dim))
         n_embd = n_head * head_dim
         n_head_kv = n_head // kv_ratio if n_head % kv_ratio == 0 else n_head
         n_ff = 32 * math.ceil(8 * n_embd / 3 / 32)
-        return cls(vocab_size, depth, n_embd, n_head, n_head_kv, n_ff, context, tie_embeddings=tie_embeddings)
+        return cls(vocab_size, depth, n_embd, n_head, n_head_kv, n_ff, context, tie_embeddings=tie_embeddings,
+                   dropout=dropout)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,12 +143,12 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask):
         c = self.c
         out = self.attn(self.attn_norm(x), cos, sin, mask)
-        x = x + (self.post_attention_norm(out) if c.post_norms else out)
+        x = x + F.dropout(self.post_attention_norm(out) if c.post_norms else out, c.dropout, self.training)
         h = self.ffn_norm(x)
         gate, up = self.ffn_up(h).chunk(2, dim=-1) if c.fused else (self.ffn_gate(h), self.ffn_up(h))
         gate = F.gelu(gate, approximate="tanh") if c.gelu else F.silu(gate)
         out = self.ffn_down(gate * up)
-        return x + (self.post_ffw_norm(out) if c.post_norms else out)
+        return x + F.dropout(self.post_ffw_norm(out) if c.post_norms else out, c.dropout, self.training)
 
 
 def rope_tables(c: ModelConfig, T: int, swa: bool = False, device=None):
@@ -227,6 +229,7 @@ class Transformer(nn.Module):
         x = self.token_embd(idx)                                    # (B, T, C)
         if c.embd_scale != 1.0:
             x = x * c.embd_scale
+        x = F.dropout(x, c.dropout, self.training)
         kinds = {swa: self.attention_inputs(T, positions, swa) for swa in {block.swa for block in self.blocks}}
         for block in self.blocks:
             x = block(x, *kinds[block.swa])

@@ -5,6 +5,9 @@
     twofile train --resume runs/d8                   # continues exactly where it stopped
     torchrun --nproc_per_node 4 -m twofile train --data data/ ...
 
+What is not given is planned from the budget and the corpus (`plan`: the model's depth, and
+regularization when the run will pass over the data many times); bf16 autocast where the
+hardware multiplies bf16, torch.compile, the weights of the best validation kept for export.
 One process or many (torchrun: DDP, gloo on CPU and NCCL on GPU, or FSDP2 with --fsdp).
 Each optimizer step sees `batch_tokens` tokens, split into micro-batches across ranks and
 accumulation steps; the data of micro-batch i of step s is a pure function of (seed, s, i),
@@ -25,7 +28,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +42,7 @@ from twofile.model import ModelConfig, Transformer
 class TrainConfig:
     data: str                       # a folder from `twofile data prepare`
     out: str = "out"
-    depth: int = 4                  # the model's one size knob (see ModelConfig.from_depth)
+    depth: int = 0                  # the model's one size knob (ModelConfig.from_depth); 0: planned (see plan)
     context: int = 128
     tie_embeddings: bool = True
     batch_tokens: int = 4096        # tokens per optimizer step, all ranks together
@@ -49,7 +52,8 @@ class TrainConfig:
     schedule: str = "wsd"           # warmup-stable-decay, or "cosine"
     warmup_steps: int = 20
     decay_fraction: float = 0.4     # wsd: the last part of training decays linearly to zero
-    weight_decay: float = 0.0
+    weight_decay: float = -1.0      # < 0: planned
+    dropout: float = -1.0           # < 0: planned
     grad_clip: float = 1.0
     max_steps: int = 0              # 0: derived from the time budget
     time_budget: float = 300.0      # seconds of training (used when max_steps is 0)
@@ -57,7 +61,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     seed: int = 0
-    compile: bool = False
+    precision: str = "auto"         # see setup_runtime
+    compile: bool = True            # torch.compile the training model (where a C++ compiler is found, on CPU)
     fsdp: bool = False
 
 
@@ -70,14 +75,29 @@ class Runtime:
     rank: int
     world: int
     device: torch.device
-    autocast_dtype: torch.dtype | None  # bf16 on CUDA; None: float32
+    autocast_dtype: torch.dtype | None  # bfloat16, or None: float32
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def setup_runtime() -> Runtime:
+PRECISIONS = ("auto", "bfloat16", "float32")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the hardware multiplies bfloat16 itself: CUDA, or a CPU with AVX-512 BF16 or
+    AMX (oneDNN's test). Elsewhere bfloat16 products are emulated, many times slower."""
+    return device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def setup_runtime(precision: str = "auto") -> Runtime:
+    """Processes and device. precision "auto": bfloat16 autocast where the hardware multiplies
+    bfloat16 natively (weights, gradients and optimizer state stay float32), else float32. On a
+    2-core AMD EPYC with AVX-512 BF16, bfloat16 products run 4.2 times float32's (968 against
+    217 GFLOP/s) and a depth-4 training step 2.1 times (bench/train_speed.py)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     cuda = torch.cuda.is_available()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
         dist.init_process_group(backend="nccl" if cuda else "gloo")
@@ -90,12 +110,13 @@ def setup_runtime() -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    return Runtime(rank, world, device, torch.bfloat16 if cuda else None)
+    bf16 = precision == "bfloat16" or (precision == "auto" and native_bf16(device))
+    return Runtime(rank, world, device, torch.bfloat16 if bf16 else None)
 
 
-def peak_flops(device: torch.device) -> float:
+def peak_flops(device: torch.device, dtype: torch.dtype | None = None) -> float:
     """The FLOP/s MFU is measured against: known dense bf16 peaks for common GPUs, else a
-    large matrix multiply timed here (float32 on CPU)."""
+    large matrix multiply in the training's dtype (None: float32), timed here."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
@@ -103,7 +124,7 @@ def peak_flops(device: torch.device) -> float:
                 return peak
     n = 2048  # large enough for the BLAS to reach its best; the fastest of several runs
     g = torch.Generator(device).manual_seed(0)  # not the global generator: a resumed run's must not move
-    a, b = torch.randn(n, n, device=device, generator=g), torch.randn(n, n, device=device, generator=g)
+    a, b = (torch.randn(n, n, device=device, generator=g).to(dtype or torch.float32) for _ in range(2))
     times = []
     for _ in range(6):
         t = time.perf_counter()
@@ -112,6 +133,67 @@ def peak_flops(device: torch.device) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return 2 * n**3 / min(times[1:])
+
+
+# ---------------------------------------------------------------------------
+# The plan: what the budget and the corpus call for
+# ---------------------------------------------------------------------------
+
+PLANNED = ("depth", "weight_decay", "dropout")  # left to plan when 0 (depth) or negative
+
+
+def planned(cfg: TrainConfig, name: str) -> bool:
+    return getattr(cfg, name) <= 0 if name == "depth" else getattr(cfg, name) < 0
+
+
+def expected_tokens(cfg: TrainConfig, depth: int, vocab_size: int, flops_per_s: float) -> float:
+    """The tokens a run will see: its step budget's, or its time budget's at UTILIZATION of
+    the machine's measured peak."""
+    if cfg.max_steps:
+        return cfg.max_steps * cfg.batch_tokens
+    c = ModelConfig.from_depth(depth, vocab_size, cfg.context, tie_embeddings=cfg.tie_embeddings)
+    return cfg.time_budget * flops_per_s * UTILIZATION / _flops_per_token(c)
+
+
+def plan(cfg: TrainConfig, unique_tokens: int, vocab_size: int, flops_per_s: float) -> TrainConfig:
+    """The configuration with the settings left to the run filled in, from the tokens training
+    will see against the unique tokens of the corpus. The deepest model that still sees
+    TOKENS_PER_PARAM tokens per parameter wins (a larger one sees too few in the budget);
+    weight decay and dropout come in past REGULARIZE_AFTER passes over the data, where a model
+    starts to memorize its corpus. The rules and their constants come from measurements on the
+    default corpus (README, "What moved the number")."""
+    chosen = {}
+    if planned(cfg, "depth"):
+        def params(depth: int) -> float:  # the weights a token's FLOPs count (embeddings: once)
+            return _flops_per_token(ModelConfig.from_depth(depth, vocab_size, cfg.context,
+                                                           tie_embeddings=cfg.tie_embeddings)) / 6
+
+        fits = [d for d in range(2, MAX_DEPTH + 1)
+                if expected_tokens(cfg, d, vocab_size, flops_per_s) >= TOKENS_PER_PARAM * params(d)]
+        chosen["depth"] = max(fits, default=2)
+    passes = expected_tokens(cfg, chosen.get("depth", cfg.depth), vocab_size, flops_per_s) / max(unique_tokens, 1)
+    if planned(cfg, "weight_decay"):
+        chosen["weight_decay"] = 0.0 if passes <= REGULARIZE_AFTER else WEIGHT_DECAY
+    if planned(cfg, "dropout"):
+        chosen["dropout"] = 0.0 if passes <= REGULARIZE_AFTER else DROPOUT
+    return replace(cfg, **chosen)
+
+
+# Measured at 5 minutes on 2 cores: depth 4 (1.9 tokens per parameter) 1.770 bits per byte,
+# depth 6 (0.5) 1.801, depth 8 (0.06) 1.979. Depth 6 on a 300K-token slice (8 passes): 2.317
+# at its best (2.7 passes, then worse), 2.295 with both and still improving at the end; weight
+# decay alone 2.332, dropout alone 2.317.
+UTILIZATION = 0.3       # of the measured peak that compiled bf16 training reaches on CPU: 31-39%
+TOKENS_PER_PARAM = 1.0
+MAX_DEPTH = 12
+REGULARIZE_AFTER = 4.0  # passes over the data (overfitting began at 2.7 in the slice above)
+WEIGHT_DECAY = 0.5      # decoupled: each step shrinks the matrices by lr x 0.5
+DROPOUT = 0.1
+
+
+def _flops_per_token(c: ModelConfig) -> float:
+    with torch.device("meta"):  # sizes only: no memory, no time
+        return Transformer(c).flops_per_token()
 
 
 # ---------------------------------------------------------------------------
@@ -124,8 +206,9 @@ class Muon(torch.optim.Optimizer):
     "match_rms_adamw" learning-rate scale), with the Newton-Schulz products in `ns_dtype`.
     torch runs them in bfloat16, which CPUs without native bf16 products emulate about 100
     times slower than float32 (a 256 x 704 product: 80 ms against 0.7 ms on a 2-core AMD
-    EPYC), making Muon 5 times slower than AdamW there; make_optimizer picks bfloat16 on CUDA,
-    as torch does, and float32 on CPU. Checkpoints of either load into the other."""
+    EPYC with AVX2 only), making Muon 5 times slower than AdamW there; make_optimizer picks
+    bfloat16 where the hardware has it (native_bf16), as torch does, else float32.
+    Checkpoints of either load into the other."""
 
     def __init__(self, params, lr: float, weight_decay: float, ns_dtype: torch.dtype, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients=(3.4445, -4.775, 2.0315), eps: float = 1e-7, ns_steps: int = 5):
@@ -165,8 +248,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim
     if cfg.optimizer == "muon":
         # Muon orthogonalizes the updates of hidden matrices; embeddings and norms keep AdamW
         # (as modded-nanogpt and nanochat do). Its "match_rms_adamw" scale lets both share one lr.
-        cuda = matrices[0].device.type == "cuda"
-        return [Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, ns_dtype=torch.bfloat16 if cuda else torch.float32),
+        ns_dtype = torch.bfloat16 if native_bf16(matrices[0].device) else torch.float32
+        return [Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, ns_dtype=ns_dtype),
                 torch.optim.AdamW(others, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)]
     raise ValueError(f"--optimizer {cfg.optimizer!r} is not one of adamw, muon")
 
@@ -310,15 +393,15 @@ def evaluate(model, shards, context: int, val_bytes: int, bos_id: int, rt: Runti
     target, BOS included) and bits per byte (nats / UTF-8 bytes / ln 2, comparable across
     tokenizers). The bytes are the text's, so the nats leave out BOS targets: prepare puts a
     BOS before each document, and it has no bytes in the text (as nanochat leaves out its
-    special tokens)."""
+    special tokens). In float32 whatever the training's precision: the figure is then the
+    exported file's (run.py computes in float32), and a forward pass is a small cost."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nats, nats of text targets, targets
     for i, (x, y) in enumerate(data.val_batches(shards, batch, context)):
         if split and i % rt.world != rt.rank:  # ranks share the batches (FSDP2: all run all)
             continue
         x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
-        with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-            _, losses = model(x, y, reduction="none")  # (B * T,)
+        _, losses = model(x, y, reduction="none")  # (B * T,)
         totals[0] += losses.sum()
         totals[1] += torch.where(y.reshape(-1) != bos_id, losses, 0).sum()
         totals[2] += y.numel()
@@ -355,13 +438,26 @@ def resume_from(cfg, resume: bool, key: str = "train_config", free=("data", "out
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a model; return the final metrics. Rank 0 alone writes files."""
-    rt = setup_runtime()
+    rt = setup_runtime(cfg.precision)
     out = Path(cfg.out)
     manifest = data.load_manifest(cfg.data)
     shards = data.open_split(cfg.data, "train")
     val_shards = data.open_split(cfg.data, "val")
     if not val_shards:
         raise ValueError(f"{cfg.data}: the validation split is empty (prepare with --val-fraction > 0)")
+    if resume and checkpoints(cfg.out):  # the settings planned at the start stay
+        stored = json.loads((checkpoints(cfg.out)[-1] / "state.json").read_text())["train_config"]
+        cfg = replace(cfg, **{k: stored[k] for k in PLANNED if planned(cfg, k) and k in stored})
+    elif any(planned(cfg, k) for k in PLANNED):
+        unique, peak = manifest["splits"]["train"]["tokens"], peak_flops(rt.device, rt.autocast_dtype)
+        cfg = plan(cfg, unique, manifest["vocab_size"], peak)
+        if rt.main:
+            expected = expected_tokens(cfg, cfg.depth, manifest["vocab_size"], peak)
+            print(f"planned: depth {cfg.depth}, weight decay {cfg.weight_decay:g}, dropout {cfg.dropout:g} for about "
+                  f"{expected / 1e6:.1f}M tokens, {expected / unique:.1f} passes over the corpus's {unique / 1e6:.2f}M",
+                  file=sys.stderr)
+    if cfg.dropout >= 1:
+        raise ValueError(f"--dropout {cfg.dropout} must be below 1 (negative: planned)")
     saved = resume_from(cfg, resume)
     if saved is not None:
         state, weights, opt_tensors = load_checkpoint(saved)
@@ -374,7 +470,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                          f"= {per_micro}")
     accum = cfg.batch_tokens // per_micro
     torch.manual_seed(cfg.seed)
-    mcfg = ModelConfig.from_depth(cfg.depth, manifest["vocab_size"], cfg.context, tie_embeddings=cfg.tie_embeddings)
+    mcfg = ModelConfig.from_depth(cfg.depth, manifest["vocab_size"], cfg.context, tie_embeddings=cfg.tie_embeddings,
+                                  dropout=cfg.dropout)
     model = Transformer(mcfg).to(rt.device)
     step, total = 0, cfg.max_steps
     if saved is not None:
@@ -394,7 +491,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     optimizers = make_optimizer(model, cfg)  # after sharding: FSDP2 replaces the parameters
     if saved is not None:
         _unflatten_optimizer(optimizers, opt_tensors, state["optimizer_groups"])
-    if cfg.compile:
+    if cfg.compile and rt.device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++",
+                                                                                    "clang++")):
+        if rt.main:
+            print("no C++ compiler found (torch.compile needs one on CPU): training uncompiled", file=sys.stderr)
+    elif cfg.compile:
+        # compilation (20-30 s on 2 cores) counts against a time budget: it still pays off at 5
+        # minutes (README, "Training speed"); the evaluation runs the uncompiled model
         train_model = torch.compile(train_model)
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -405,7 +508,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         print(f"model: depth {mcfg.n_layer}, width {mcfg.n_embd}, heads {mcfg.n_head}/{mcfg.n_head_kv}, "
               f"FFN {mcfg.n_ff}, context {mcfg.context}, vocab {mcfg.vocab_size}: {model.num_params() / 1e6:.2f}M "
               f"parameters; {rt.world} process(es), {accum} micro-batch(es) of {cfg.micro_batch} per step, "
-              f"{cfg.optimizer}, {rt.device.type}", file=sys.stderr)
+              f"{cfg.optimizer}, {rt.device.type}, {rt.autocast_dtype or torch.float32}".replace("torch.", ""),
+              file=sys.stderr)
 
     def batches(s: int):
         micro_batches = []
@@ -443,14 +547,16 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
     state_of(step, total, tokens) is a checkpoint's state.json; flops(positions, targets) a
     step's training FLOPs (for MFU). cfg: lr_at's fields,
     grad_clip, time_budget, eval_every, checkpoint_every, keep_checkpoints, fsdp."""
-    peak = peak_flops(rt.device)
+    peak = peak_flops(rt.device, rt.autocast_dtype)
 
     def train_step(s: int) -> tuple[float, float, int, float]:
         lr = lr_at(s, cfg, total)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
+        t = time.perf_counter()
         micro_batches, n_targets, n_positions = batches(s)
+        spent["data"] += time.perf_counter() - t
         step_flops = flops(n_positions, n_targets)
         loss_sum = torch.zeros((), device=rt.device)
         for micro, inputs in enumerate(micro_batches):
@@ -483,6 +589,16 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
             opt.zero_grad(set_to_none=True)
         return loss_value, norm_value, n_positions, step_flops
 
+    # seconds of the run not spent training: reading batches, evaluations, checkpoints, and the
+    # first two steps (compilation, allocation); their shares of the run are reported
+    spent = {"data": 0.0, "eval": 0.0, "checkpoint": 0.0, "first steps": 0.0}
+
+    @contextmanager
+    def timed(what: str):
+        t = time.perf_counter()
+        yield
+        spent[what] += time.perf_counter() - t
+
     saved_step = step  # the step of the newest checkpoint (0: none needed yet)
     # the best validation so far and its weights (best_STEP), what export writes: a long run on
     # a small corpus ends worse than it was midway. A new run starts without one.
@@ -502,17 +618,19 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
         if not better.item():
             return
         best_val = {key: evaluation[key]}
-        weights = gather_weights(model)
-        if rt.main:
-            save_best(out, weights, {**state_of(s, total, tokens), "best": best_val})
+        with timed("checkpoint"):
+            weights = gather_weights(model)
+            if rt.main:
+                save_best(out, weights, {**state_of(s, total, tokens), "best": best_val})
 
     def checkpoint(s: int):
         nonlocal saved_step
-        gathered = gather_state(model, optimizers)
-        if rt.main:
-            save_checkpoint(out, *gathered, state_of(s, total, tokens), cfg.keep_checkpoints)
-        if rt.world > 1:
-            dist.barrier()
+        with timed("checkpoint"):
+            gathered = gather_state(model, optimizers)
+            if rt.main:
+                save_checkpoint(out, *gathered, state_of(s, total, tokens), cfg.keep_checkpoints)
+            if rt.world > 1:
+                dist.barrier()
         saved_step = s
 
     def stop_requested(signals: list) -> bool:
@@ -529,13 +647,15 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
         metrics: dict = {}
         last_eval = None
         if total == 0:  # a time budget: measure an eval and a few steps, then fix the step count
-            last_eval = validate()
+            with timed("eval"):
+                last_eval = validate()
             eval_time = time.perf_counter() - t_start
             total = 10**9
             for probe in range(7):  # 2 untimed steps (compilation, allocation), then 5 timed ones
                 if probe == 2:
                     t0 = time.perf_counter()
-                tokens += train_step(step)[2]
+                with timed("first steps") if probe < 2 else nullcontext():
+                    tokens += train_step(step)[2]
                 step += 1
             step_time = (time.perf_counter() - t0) / 5
             if rt.world > 1:
@@ -564,7 +684,8 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
             metrics = {"step": step, "tokens": tokens, "loss": loss, "grad_norm": grad_norm,
                        "lr": lr_at(step - 1, cfg, total), "tok_s": tok_s, "mfu": mfu, "time": now - t_start}
             if step % cfg.eval_every == 0 or step == total:
-                last_eval = validate()
+                with timed("eval"):
+                    last_eval = validate()
                 metrics.update(last_eval)
                 keep_if_best(step, last_eval)
             if rt.main:
@@ -587,7 +708,8 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
             raise KeyboardInterrupt
     if rt.main:
         plot_losses(out)
-    return {**metrics, **(last_eval or {})}
+    elapsed = time.perf_counter() - t_start
+    return {**metrics, **(last_eval or {}), "shares": {k: round(v / elapsed, 4) for k, v in spent.items()}}
 
 
 @contextmanager
@@ -684,5 +806,7 @@ def finish(out: Path, result: dict) -> None:
     sample = prompt + "".join(model.session().generate(model.tokenize(prompt), 120, temperature=0.8, seed=0))
     print(f"\nvalidation: loss {result.get('val_loss', float('nan')):.4f}, "
           f"bits per byte {result.get('val_bpb', float('nan')):.4f} after {result.get('tokens', 0):,} tokens", file=sys.stderr)
+    if result.get("shares"):
+        print("share of the run: " + ", ".join(f"{k} {v:.1%}" for k, v in result["shares"].items()), file=sys.stderr)
     print(f"parameters file: {gguf_path}\nloss curve: {out / 'loss.png'}\nsample (run.py, {gguf_path.name}):\n", file=sys.stderr)
     print(sample)
