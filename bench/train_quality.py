@@ -5,7 +5,8 @@ configuration or overrides of it.
     python bench/train_quality.py                              # 3 seeds x 5 minutes, the defaults
     python bench/train_quality.py --time 5 15 30 60 --plot curve.png
     python bench/train_quality.py --seeds 0 --set depth=6 dropout=0.1 --train-tokens 200000
-    python bench/train_quality.py --set precision=float32 compile=false depth=4   # the old defaults
+    python bench/train_quality.py --set precision=float32 compile=false depth=4 weight_decay=0 dropout=0  # old defaults
+    python bench/train_quality.py --replot --json runs.jsonl --plot curve.png   # redraw, training nothing
 
 --time is in minutes. --train-tokens keeps only the first N training tokens (a smaller corpus:
 what many passes over the data do, in a short run). --data takes a folder from `twofile data
@@ -52,7 +53,13 @@ def main():
                    help="override TrainConfig fields, e.g. depth=4 lr=0.002 (default: none)")
     p.add_argument("--plot", default=None, help="write the curve of bits per byte against minutes here (default: none)")
     p.add_argument("--json", default=None, help="append each run's result here as a JSON line (default: none)")
+    p.add_argument("--replot", action="store_true",
+                   help="train nothing: draw --plot from the runs already in --json, one line per --set (default: off)")
     args = p.parse_args()
+    if args.replot:
+        if not (args.plot and args.json):
+            raise SystemExit("--replot needs --plot and --json")
+        return plot(args.plot, [json.loads(line) for line in Path(args.json).read_text().splitlines() if line.strip()])
     folder = args.data or train.default_data(args.vocab_size)
     overrides = parse_overrides(args.set)
     if args.train_tokens:
@@ -71,7 +78,7 @@ def main():
         data.open_split = open_split
     print(f"machine: {machine()}; data {folder}" + (f", first {args.train_tokens:,} training tokens" if args.train_tokens
                                                     else ""))
-    medians = {}
+    medians, runs = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for minutes in args.time:
             results = []
@@ -82,6 +89,7 @@ def main():
                 stored = json.loads((train.best_checkpoint(cfg.out) / "state.json").read_text())
                 results.append({**r, "best_val_bpb": stored["best"]["val_bpb"], "best_step": stored["step"],
                                 "config": stored["train_config"]})
+                runs.append({"minutes": minutes, "seed": seed, "set": args.set, **results[-1]})
                 print(f"{minutes:g} min, seed {seed}: best validation bits per byte {results[-1]['best_val_bpb']:.4f} "
                       f"(step {stored['step']} of {r['step']}; last {r['val_bpb']:.4f}) after {r['tokens']:,} tokens, "
                       f"{r['tok_s']:,.0f} tok/s; time shares {r.get('shares')}", flush=True)
@@ -96,22 +104,39 @@ def main():
             print(f"{minutes:g} min: median best validation bits per byte over {len(bpbs)} seeds: "
                   f"{medians[minutes]:.4f} (min {min(bpbs):.4f}, max {max(bpbs):.4f})", flush=True)
     if args.plot:
-        import matplotlib
+        plot(args.plot, runs)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(list(medians), list(medians.values()), "o-", label=f"twofile train --time (median of {len(args.seeds)})")
-        ax.set_xscale("log")
-        ax.set_xticks(list(medians), [f"{m:g}" for m in medians])
-        ax.set_xlabel(f"training minutes ({machine()})")
-        ax.set_ylabel("validation bits per byte (held-out play)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"curve: {args.plot}")
+def plot(path: str, runs: list[dict]):
+    """Median best validation bits per byte against minutes, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    lines: dict[str, dict[float, list[float]]] = {}
+    for r in runs:
+        label = " ".join(r["set"]) or "twofile train --time (defaults)"
+        lines.setdefault(label, {}).setdefault(r["minutes"], []).append(r["best_val_bpb"])
+    for label, points in lines.items():
+        xs = sorted(points)
+        ys = [statistics.median(points[x]) for x in xs]
+        seeds = sorted({len(points[x]) for x in xs})
+        ax.plot(xs, ys, "o-", label=f"{label} (median of {'/'.join(map(str, seeds))} seeds)")
+        for x, y in zip(xs, ys):
+            ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    xs = sorted({r["minutes"] for r in runs})
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{m:g}" for m in xs])
+    ax.set_xticks([], minor=True)  # no log-scale minor labels between the budgets
+    ax.set_xlabel(f"training minutes ({machine()})", fontsize=8)
+    ax.set_ylabel("best validation bits per byte (held-out play)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"curve: {path}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ training loop: exact resume after SIGKILL and after Ctrl-C, 2 processes = 1 proc
 per byte by hand, bad input and divergence."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -209,8 +210,24 @@ def test_plan_fills_only_what_is_left_to_it():
     assert depths == sorted(depths) and depths[0] < depths[-1]
 
 
+def test_training_flops_measures_a_real_step_and_leaves_the_run_alone():
+    """The plan's speed comes from timed training steps: a positive, finite FLOP/s, and the
+    global random state (which seeds the run's model) exactly as it was."""
+    rt = train.setup_runtime("float32")
+    cfg = train.TrainConfig(data="", micro_batch=2, context=16)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    speed = train.training_flops(cfg, rt, vocab_size=256)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert math.isfinite(speed) and speed > 0
+    # more seconds at that speed: more tokens, and a model that is never smaller
+    timed = replace(cfg, max_steps=0, time_budget=60)
+    assert train.expected_tokens(replace(timed, time_budget=120), 4, 256, speed) == pytest.approx(
+        2 * train.expected_tokens(timed, 4, 256, speed))
+
+
 def test_resume_keeps_the_planned_settings(tiny_data, tmp_path, monkeypatch):
-    """What was planned at the start stays: a resumed run does not plan again (a noisy peak
+    """What was planned at the start stays: a resumed run does not plan again (a noisy speed
     measurement could plan another depth)."""
     cfg = tiny_config(tiny_data, tmp_path / "r", depth=0, weight_decay=-1.0, dropout=-1.0, max_steps=10)
     train.train(cfg, progress=False)

@@ -147,12 +147,43 @@ def planned(cfg: TrainConfig, name: str) -> bool:
 
 
 def expected_tokens(cfg: TrainConfig, depth: int, vocab_size: int, flops_per_s: float) -> float:
-    """The tokens a run will see: its step budget's, or its time budget's at UTILIZATION of
-    the machine's measured peak."""
+    """The tokens a run will see: its step budget's, or its time budget's at the training
+    FLOP/s measured here (`training_flops`), times what compilation gains."""
     if cfg.max_steps:
         return cfg.max_steps * cfg.batch_tokens
     c = ModelConfig.from_depth(depth, vocab_size, cfg.context, tie_embeddings=cfg.tie_embeddings)
-    return cfg.time_budget * flops_per_s * UTILIZATION / _flops_per_token(c)
+    return cfg.time_budget * flops_per_s * (COMPILE_GAIN if cfg.compile else 1.0) / _flops_per_token(c)
+
+
+def training_flops(cfg: TrainConfig, rt: Runtime, vocab_size: int, steps: int = 6) -> float:
+    """The FLOP/s training reaches here: uncompiled steps (forward, backward, optimizer) of a
+    depth-PROBE_DEPTH model with the run's micro-batch, context, precision and optimizer, the
+    fastest after two warm-up ones (bf16's first steps are slower); 2 s on 2 cores. A matrix
+    multiply's peak cannot say this: a 256-wide model reaches 10 to 20% of it with bf16 on AMX
+    and 60% in float32 on AVX2. All ranks take the slowest rank's figure, so they plan the
+    same model."""
+    c = ModelConfig.from_depth(PROBE_DEPTH, vocab_size, cfg.context, tie_embeddings=cfg.tie_embeddings)
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):  # the run's RNG stays
+        torch.manual_seed(0)
+        model = Transformer(c).to(rt.device)
+        optimizers = make_optimizer(model, replace(cfg, weight_decay=0.0))
+        idx = torch.randint(0, vocab_size, (cfg.micro_batch, cfg.context + 1), device=rt.device)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
+                _, loss = model(idx[:, :-1], targets=idx[:, 1:])
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    flops = torch.tensor(_flops_per_token(c) * idx[:, 1:].numel() / min(times[2:]), device=rt.device)
+    if rt.world > 1:
+        dist.all_reduce(flops, op=dist.ReduceOp.MIN)
+    return float(flops)
 
 
 def plan(cfg: TrainConfig, unique_tokens: int, vocab_size: int, flops_per_s: float) -> TrainConfig:
@@ -183,7 +214,12 @@ def plan(cfg: TrainConfig, unique_tokens: int, vocab_size: int, flops_per_s: flo
 # depth 6 (0.5) 1.801, depth 8 (0.06) 1.979. Depth 6 on a 300K-token slice (8 passes): 2.317
 # at its best (2.7 passes, then worse), 2.295 with both and still improving at the end; weight
 # decay alone 2.332, dropout alone 2.317.
-UTILIZATION = 0.3       # of the measured peak that compiled bf16 training reaches on CPU: 31-39%
+PROBE_DEPTH = 4  # deeper models reach more FLOP/s (wider products): their tokens are underestimated
+# Compiled runs saw 1.2 to 1.3 times the probe's tokens at depth 4 in 5 minutes and 1.48 times
+# at depth 5 in 15 (evaluation and compilation included; Intel Xeon with AMX, bf16). Without
+# it the 15-minute plan expected 3.9 passes, so no regularization; the run made 5.7 and
+# overfit (1.818 bits per byte, worse than 5 minutes' 1.770).
+COMPILE_GAIN = 1.3
 TOKENS_PER_PARAM = 1.0
 MAX_DEPTH = 12
 REGULARIZE_AFTER = 4.0  # passes over the data (overfitting began at 2.7 in the slice above)
@@ -449,10 +485,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         stored = json.loads((checkpoints(cfg.out)[-1] / "state.json").read_text())["train_config"]
         cfg = replace(cfg, **{k: stored[k] for k in PLANNED if planned(cfg, k) and k in stored})
     elif any(planned(cfg, k) for k in PLANNED):
-        unique, peak = manifest["splits"]["train"]["tokens"], peak_flops(rt.device, rt.autocast_dtype)
-        cfg = plan(cfg, unique, manifest["vocab_size"], peak)
+        unique = manifest["splits"]["train"]["tokens"]
+        speed = 0.0 if cfg.max_steps else training_flops(cfg, rt, manifest["vocab_size"])
+        cfg = plan(cfg, unique, manifest["vocab_size"], speed)
         if rt.main:
-            expected = expected_tokens(cfg, cfg.depth, manifest["vocab_size"], peak)
+            expected = expected_tokens(cfg, cfg.depth, manifest["vocab_size"], speed)
             print(f"planned: depth {cfg.depth}, weight decay {cfg.weight_decay:g}, dropout {cfg.dropout:g} for about "
                   f"{expected / 1e6:.1f}M tokens, {expected / unique:.1f} passes over the corpus's {unique / 1e6:.2f}M",
                   file=sys.stderr)
