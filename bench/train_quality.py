@@ -57,8 +57,8 @@ def main():
                    help="train nothing: draw --plot from the runs already in --json, one line per --set (default: off)")
     args = p.parse_args()
     if args.replot:
-        if not (args.plot and args.json):
-            raise SystemExit("--replot needs --plot and --json")
+        if not (args.plot and args.json and Path(args.json).is_file()):
+            raise SystemExit(f"--replot needs --plot and an existing --json file (got --plot {args.plot}, --json {args.json})")
         return plot(args.plot, [json.loads(line) for line in Path(args.json).read_text().splitlines() if line.strip()])
     folder = args.data or train.default_data(args.vocab_size)
     overrides = parse_overrides(args.set)

@@ -220,7 +220,7 @@ def test_training_flops_measures_a_real_step_and_leaves_the_run_alone():
     speed = train.training_flops(cfg, rt, vocab_size=256)
     assert torch.equal(torch.get_rng_state(), before)
     assert math.isfinite(speed) and speed > 0
-    # more seconds at that speed: more tokens, and a model that is never smaller
+    # the tokens a time budget allows grow with it in proportion
     timed = replace(cfg, max_steps=0, time_budget=60)
     assert train.expected_tokens(replace(timed, time_budget=120), 4, 256, speed) == pytest.approx(
         2 * train.expected_tokens(timed, 4, 256, speed))
