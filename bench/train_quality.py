@@ -10,8 +10,12 @@ configuration or overrides of it.
 
 --time is in minutes. --train-tokens keeps only the first N training tokens (a smaller corpus:
 what many passes over the data do, in a short run). --data takes a folder from `twofile data
-prepare` instead of the default corpus (its tokenizer must be the default's for the figures to
-compare; see bench/milton.py).
+prepare` instead of the default corpus; its tokenizer must be the default's for the figures to
+compare, e.g. Shakespeare and Milton (the validation play stays the same):
+
+    twofile data prepare ~/.cache/twofile/shakespeare ~/.cache/twofile/milton \
+        --tokenizer ~/.cache/twofile/tokenizer-shakespeare-4096.json -o runs/data-milton
+    python bench/train_quality.py --data runs/data-milton
 """
 
 from __future__ import annotations
