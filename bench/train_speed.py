@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,18 +34,7 @@ def measure(depth, optimizer, compile_, device, micro_batch, context, vocab, ste
     optimizers = train.make_optimizer(model, cfg)
     step_model = torch.compile(model) if compile_ else model
     x = torch.randint(0, vocab, (micro_batch, context), device=device)
-    times = []
-    for i in range(steps + (3 if compile_ else 2)):
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            _, loss = step_model(x, x)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    times = train.timed_steps(step_model, optimizers, x, x, steps + (3 if compile_ else 2), dtype)
     tok_s = micro_batch * context / statistics.median(times[-steps:])
     return tok_s, model.flops_per_token() * tok_s, sum(times[:-steps])
 

@@ -155,6 +155,24 @@ def expected_tokens(cfg: TrainConfig, depth: int, vocab_size: int, flops_per_s: 
     return cfg.time_budget * flops_per_s * (COMPILE_GAIN if cfg.compile else 1.0) / _flops_per_token(c)
 
 
+def timed_steps(model, optimizers, x: torch.Tensor, y: torch.Tensor, steps: int, dtype) -> list[float]:
+    """Seconds of each of `steps` whole training steps (forward under autocast to `dtype` when
+    it is not None, backward, optimizer) on one batch; shared with bench/train_speed.py."""
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            _, loss = model(x, targets=y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def training_flops(cfg: TrainConfig, rt: Runtime, vocab_size: int, steps: int = 6) -> float:
     """The FLOP/s training reaches here: uncompiled steps (forward, backward, optimizer) of a
     depth-PROBE_DEPTH model with the run's micro-batch, context, precision and optimizer, the
@@ -168,18 +186,7 @@ def training_flops(cfg: TrainConfig, rt: Runtime, vocab_size: int, steps: int = 
         model = Transformer(c).to(rt.device)
         optimizers = make_optimizer(model, replace(cfg, weight_decay=0.0))
         idx = torch.randint(0, vocab_size, (cfg.micro_batch, cfg.context + 1), device=rt.device)
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-                _, loss = model(idx[:, :-1], targets=idx[:, 1:])
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
+        times = timed_steps(model, optimizers, idx[:, :-1], idx[:, 1:], steps, rt.autocast_dtype)
     flops = torch.tensor(_flops_per_token(c) * idx[:, 1:].numel() / min(times[2:]), device=rt.device)
     if rt.world > 1:
         dist.all_reduce(flops, op=dist.ReduceOp.MIN)
