@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -184,6 +185,30 @@ def test_muon_equals_torch_muon_and_runs_newton_schulz_in_float32_without_native
         assert type(muon) is train.Muon and muon.ns_dtype == dtype
 
 
+@pytest.mark.parametrize("probe_cost, later_cost", [(0.1, 0.3), (0.3, 0.1)])
+def test_time_budget_follows_the_machine_that_slows_or_speeds_up(tiny_data, tmp_path, monkeypatch, probe_cost,
+                                                                  later_cost):
+    """A machine that runs the first steps 3 times faster (or slower) than the rest: the run
+    still ends at its budget, because the total is fixed again at each evaluation while the
+    learning rate is flat. Time here is a fake clock that only training batches advance."""
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_batch = train.data.train_batch
+
+    def costly_batch(shards, batch, context, seed, step, index):
+        clock[0] += (probe_cost if step < 7 else later_cost) / 2  # 2 micro-batches per step
+        return real_batch(shards, batch, context, seed, step, index)
+
+    monkeypatch.setattr(train.data, "train_batch", costly_batch)
+    monkeypatch.setattr(train, "peak_flops", lambda device, dtype: 1e12)  # (timed on the real clock)
+    result = train.train(tiny_config(tiny_data, tmp_path / "t", max_steps=0, time_budget=30.0, checkpoint_every=10**4),
+                         progress=False)
+    assert result["time"] == pytest.approx(30.0, abs=later_cost)
+    state = json.loads((train.checkpoints(tmp_path / "t")[-1] / "state.json").read_text())
+    assert result["step"] == state["step"] == state["total_steps"]
+    assert result["lr"] < tiny_config(tiny_data, "").lr / 20  # the decay ran to its end
+
+
 def test_plan_fills_only_what_is_left_to_it():
     """The deepest model whose tokens per parameter reach the threshold (parameters and FLOPs
     counted here on real models: 6 per weight, tied embeddings once, plus attention's
@@ -206,8 +231,14 @@ def test_plan_fills_only_what_is_left_to_it():
     assert (kept.depth, kept.weight_decay, kept.dropout) == (3, 0.0, 0.2)
     # a time budget: more time (or a faster machine) never plans a smaller model
     timed = replace(cfg, max_steps=0)
-    depths = [train.plan(replace(timed, time_budget=t), 10**6, 4096, 1e12).depth for t in (60, 300, 900, 3600, 36000)]
+    depths = [train.plan(replace(timed, time_budget=t), 10**9, 4096, 1e9).depth for t in (60, 300, 900, 3600, 36000)]
     assert depths == sorted(depths) and depths[0] < depths[-1]
+    # but no model larger than its corpus allows, however long the budget: a corpus 8 times
+    # the size lets the same budget plan a deeper model
+    long = replace(timed, time_budget=10**7)
+    small, large = (train.plan(long, n, 4096, 1e12).depth for n in (10**6, 8 * 10**6))
+    assert params(small) <= train.PARAMS_PER_UNIQUE_TOKEN * 10**6 < params(small + 1)
+    assert small < large <= train.MAX_DEPTH
 
 
 def test_training_flops_measures_a_real_step_and_leaves_the_run_alone():

@@ -196,8 +196,9 @@ def training_flops(cfg: TrainConfig, rt: Runtime, vocab_size: int, steps: int = 
 def plan(cfg: TrainConfig, unique_tokens: int, vocab_size: int, flops_per_s: float) -> TrainConfig:
     """The configuration with the settings left to the run filled in, from the tokens training
     will see against the unique tokens of the corpus. The deepest model that still sees
-    TOKENS_PER_PARAM tokens per parameter wins (a larger one sees too few in the budget);
-    weight decay and dropout come in past REGULARIZE_AFTER passes over the data, where a model
+    TOKENS_PER_PARAM tokens per parameter wins (a larger one sees too few in the budget), but
+    none with more than PARAMS_PER_UNIQUE_TOKEN parameters per token of the corpus (past that a
+    longer budget buys passes over text the model memorizes instead of a better model); weight decay and dropout come in past REGULARIZE_AFTER passes over the data, where a model
     starts to memorize its corpus. The rules and their constants come from measurements on the
     default corpus (README, "What moved the number")."""
     chosen = {}
@@ -207,7 +208,8 @@ def plan(cfg: TrainConfig, unique_tokens: int, vocab_size: int, flops_per_s: flo
                                                            tie_embeddings=cfg.tie_embeddings)) / 6
 
         fits = [d for d in range(2, MAX_DEPTH + 1)
-                if expected_tokens(cfg, d, vocab_size, flops_per_s) >= TOKENS_PER_PARAM * params(d)]
+                if expected_tokens(cfg, d, vocab_size, flops_per_s) >= TOKENS_PER_PARAM * params(d)
+                and params(d) <= PARAMS_PER_UNIQUE_TOKEN * unique_tokens]
         chosen["depth"] = max(fits, default=2)
     passes = expected_tokens(cfg, chosen.get("depth", cfg.depth), vocab_size, flops_per_s) / max(unique_tokens, 1)
     if planned(cfg, "weight_decay"):
@@ -228,6 +230,9 @@ PROBE_DEPTH = 4  # deeper models reach more FLOP/s (wider products): their token
 # overfit (1.818 bits per byte, worse than 5 minutes' 1.770).
 COMPILE_GAIN = 1.3
 TOKENS_PER_PARAM = 1.0
+# At 60 minutes on the 1.45M-token default corpus, depth 7 (7.3 parameters per unique token)
+# scored 1.716 and depth 6 (4.0) 1.697, better than 30 minutes' depth 6 (1.699).
+PARAMS_PER_UNIQUE_TOKEN = 5.0
 MAX_DEPTH = 12
 REGULARIZE_AFTER = 4.0  # passes over the data (overfitting began at 2.7 in the slice above)
 WEIGHT_DECAY = 0.5      # decoupled: each step shrinks the matrices by lr x 0.5
@@ -686,11 +691,20 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
 
+    def steps_left(step: int, seconds_per_step: float) -> int:  # the step count the budget allows
+        if rt.world > 1:  # every rank runs the same steps: the slowest one's
+            t = torch.tensor([seconds_per_step], device=rt.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            seconds_per_step = t.item()
+        remaining = cfg.time_budget - (time.perf_counter() - t_start) - eval_time  # the final eval too
+        return step + max(1, int(remaining / seconds_per_step))
+
     with _deferred_signals(announce=rt.main) as signals:
         t_start = time.perf_counter()
         metrics: dict = {}
         last_eval = None
-        if total == 0:  # a time budget: measure an eval and a few steps, then fix the step count
+        timed_budget = total == 0
+        if timed_budget:  # a time budget: measure an eval and a few steps, then fix the step count
             with timed("eval"):
                 last_eval = validate()
             eval_time = time.perf_counter() - t_start
@@ -702,12 +716,8 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
                     tokens += train_step(step)[2]
                 step += 1
             step_time = (time.perf_counter() - t0) / 5
-            if rt.world > 1:
-                t = torch.tensor([step_time], device=rt.device)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                step_time = t.item()
-            remaining = cfg.time_budget - (time.perf_counter() - t_start) - eval_time  # the final eval too
-            total = step + max(1, int(remaining / (step_time + eval_time / cfg.eval_every)))
+            total = steps_left(step, step_time + eval_time / cfg.eval_every)
+            t_measured, step_measured = time.perf_counter(), step
             # the probe steps ran inside the warmup (20 steps by default), where the schedule
             # does not depend on the total, so fixing the total now changes nothing before
             if rt.main:
@@ -732,6 +742,14 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
                     last_eval = validate()
                 metrics.update(last_eval)
                 keep_if_best(step, last_eval)
+                if timed_budget and cfg.schedule == "wsd" and step < int(total * (1 - cfg.decay_fraction)):
+                    # Five steps' timing misjudged whole runs by -15% to +12% (a noisy shared
+                    # machine). While the learning rate is still flat the total can move freely,
+                    # so it is fixed again from the steps so far, evaluations and checkpoints
+                    # included, never so low that the decay should have begun already.
+                    rate = (time.perf_counter() - t_measured) / (step - step_measured)
+                    total = max(steps_left(step, rate), math.ceil(step / (1 - cfg.decay_fraction)) + 1)
+                    bar.total = total
             if rt.main:
                 _log(out, metrics)
                 shown = next((k for k in ("val_bpb", "val_loss") if last_eval and k in last_eval), None)
