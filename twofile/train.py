@@ -198,8 +198,9 @@ def plan(cfg: TrainConfig, unique_tokens: int, vocab_size: int, flops_per_s: flo
     will see against the unique tokens of the corpus. The deepest model that still sees
     TOKENS_PER_PARAM tokens per parameter wins (a larger one sees too few in the budget), but
     none with more than PARAMS_PER_UNIQUE_TOKEN parameters per token of the corpus (past that a
-    longer budget buys passes over text the model memorizes instead of a better model); weight decay and dropout come in past REGULARIZE_AFTER passes over the data, where a model
-    starts to memorize its corpus. The rules and their constants come from measurements on the
+    longer budget buys passes over text the model memorizes instead of a better model); weight
+    decay and dropout come in past REGULARIZE_AFTER passes over the data, where a model starts
+    to memorize its corpus. The rules and their constants come from measurements on the
     default corpus (README, "What moved the number")."""
     chosen = {}
     if planned(cfg, "depth"):
@@ -308,10 +309,14 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     if cfg.schedule == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    decay_start = int(total * (1 - cfg.decay_fraction))
-    if step < decay_start:
+    start = decay_start(cfg, total)
+    if step < start:
         return cfg.lr
-    return cfg.lr * max(0.0, (total - step) / max(1, total - decay_start))
+    return cfg.lr * max(0.0, (total - step) / max(1, total - start))
+
+
+def decay_start(cfg: TrainConfig, total: int) -> int:  # warmup-stable-decay's first decaying step
+    return int(total * (1 - cfg.decay_fraction))
 
 
 # ---------------------------------------------------------------------------
@@ -742,7 +747,7 @@ def fit(cfg, rt: Runtime, out: Path, model, train_model, optimizers, step: int, 
                     last_eval = validate()
                 metrics.update(last_eval)
                 keep_if_best(step, last_eval)
-                if timed_budget and cfg.schedule == "wsd" and step < int(total * (1 - cfg.decay_fraction)):
+                if timed_budget and cfg.schedule == "wsd" and step < decay_start(cfg, total):
                     # Five steps' timing misjudged whole runs by -15% to +12% (a noisy shared
                     # machine). While the learning rate is still flat the total can move freely,
                     # so it is fixed again from the steps so far, evaluations and checkpoints
