@@ -112,7 +112,7 @@ def main():
 
 
 def plot(path: str, runs: list[dict]):
-    """Median best validation bits per byte against minutes, one line per configuration."""
+    """Median best validation bits per byte against minutes, one line per configuration, every seed a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,10 +126,12 @@ def plot(path: str, runs: list[dict]):
     for label, points in lines.items():
         xs = sorted(points)
         ys = [statistics.median(points[x]) for x in xs]
-        seeds = sorted({len(points[x]) for x in xs})
-        ax.plot(xs, ys, "o-", label=f"{label} (median of {'/'.join(map(str, seeds))} seeds)")
-        for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        (line,) = ax.plot(xs, ys, "o-", label=label)
+        for x, y in zip(xs, ys):  # each seed a faint dot, so the spread behind a median shows
+            n = len(points[x])
+            ax.plot([x] * n, points[x], ".", color=line.get_color(), alpha=0.4)
+            ax.annotate(f"{y:.3f}" + (f" (median of {n})" if n > 1 else ""), (x, y),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
     xs = sorted({r["minutes"] for r in runs})
     ax.set_xscale("log")
     ax.set_xticks(xs, [f"{m:g}" for m in xs])
