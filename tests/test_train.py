@@ -213,7 +213,7 @@ def test_plan_fills_only_what_is_left_to_it():
     """The deepest model whose tokens per parameter reach the threshold (parameters and FLOPs
     counted here on real models: 6 per weight, tied embeddings once, plus attention's
     12 x layers x width x context), regularization only past the passes over the data the
-    rule allows, and explicit settings kept."""
+    rule allows (weight decay doubled past twice as many), and explicit settings kept."""
     cfg = train.TrainConfig(data="", max_steps=1000, batch_tokens=4096, context=128)
     tokens = 1000 * 4096
 
@@ -226,6 +226,9 @@ def test_plan_fills_only_what_is_left_to_it():
     assert (few.depth, few.weight_decay, few.dropout) == (expected, 0.0, 0.0)
     many = train.plan(cfg, unique_tokens=int(tokens / (train.REGULARIZE_AFTER + 1)), vocab_size=4096, flops_per_s=1e12)
     assert (many.depth, many.weight_decay, many.dropout) == (expected, train.WEIGHT_DECAY, train.DROPOUT)
+    most = train.plan(cfg, unique_tokens=int(tokens / (2 * train.REGULARIZE_AFTER + 1)), vocab_size=4096,
+                      flops_per_s=1e12)  # a smaller corpus: the cap on parameters per token picks the depth
+    assert (most.weight_decay, most.dropout) == (2 * train.WEIGHT_DECAY, train.DROPOUT)
     kept = train.plan(replace(cfg, depth=3, weight_decay=0.0, dropout=0.2), unique_tokens=1, vocab_size=4096,
                       flops_per_s=1e12)
     assert (kept.depth, kept.weight_decay, kept.dropout) == (3, 0.0, 0.2)

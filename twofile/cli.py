@@ -91,10 +91,10 @@ TRAIN_FLAGS = {
     "lr": (float, None, 3e-3, "peak learning rate"),
     "schedule": (str, ["wsd", "cosine"], "wsd", "wsd: warmup, constant, linear decay over the last 40%%; or cosine"),
     "warmup_steps": (int, None, 20, "steps of linear warmup"),
-    "weight_decay": (float, None, -1.0, "decoupled weight decay of the matrices; negative: planned (0 for a few "
-                                        "passes over the data, more for many)"),
+    "weight_decay": (float, None, -1.0, "decoupled weight decay of the matrices; negative: planned (0 up to 4 "
+                                        "passes over the data, 0.5 up to 8, 1.0 past 8)"),
     "dropout": (float, None, -1.0, "dropout of the embeddings and residual branches while training; negative: "
-                                   "planned as --weight-decay"),
+                                   "planned (0 up to 4 passes over the data, 0.1 past 4)"),
     "grad_clip": (float, None, 1.0, "clip the gradient norm to this (0: no clipping; a non-finite norm stops "
                                     "training either way)"),
     "steps": (int, None, 0, "optimizer steps (0: as many as --time allows)"),
