@@ -200,8 +200,8 @@ def plan(cfg: TrainConfig, unique_tokens: int, vocab_size: int, flops_per_s: flo
     none with more than PARAMS_PER_UNIQUE_TOKEN parameters per token of the corpus (past that a
     longer budget buys passes over text the model memorizes instead of a better model); weight
     decay and dropout come in past REGULARIZE_AFTER passes over the data, where a model starts
-    to memorize its corpus, and weight decay doubles past twice that many. The rules and their constants come from measurements on the
-    default corpus (README, "What moved the number")."""
+    to memorize its corpus, and weight decay doubles past twice that many. The rules and their
+    constants come from measurements on the default corpus (README, "What moved the number")."""
     chosen = {}
     if planned(cfg, "depth"):
         def params(depth: int) -> float:  # the weights a token's FLOPs count (embeddings: once)
